@@ -197,15 +197,42 @@ def save_safetensors(
     Values of `metadata` must be strings (the format's rule).
     """
     items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    specs = [LazyTensor(name, t.dtype, tuple(t.shape), (lambda t=t: t)) for name, t in items]
+    return save_safetensors_lazy(specs, path, metadata, overwrite)
+
+
+class LazyTensor:
+    """A tensor to be produced only when the writer reaches it (keeps peak memory at one tensor)."""
+
+    __slots__ = ("name", "dtype", "shape", "produce")
+
+    def __init__(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], produce):
+        self.name, self.dtype, self.shape, self.produce = name, dtype, tuple(shape), produce
+
+
+def save_safetensors_lazy(
+    specs: Iterable[LazyTensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a safetensors file whose tensors are produced one by one while writing.
+
+    Each produced tensor must have the announced dtype and shape (checked).
+    """
+    specs = list(specs)
     header: dict[str, object] = {}
     offset = 0
-    for name, t in items:
-        if name in header:
-            raise ValueError(f"duplicate tensor name {name!r}")
-        if t.dtype not in _DTYPE_TO_ST:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {t.dtype}")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+    for spec in specs:
+        if spec.name in header:
+            raise ValueError(f"duplicate tensor name {spec.name!r}")
+        if spec.dtype not in _DTYPE_TO_ST:
+            raise ValueError(f"tensor {spec.name!r} has unsupported dtype {spec.dtype}")
+        numel = 1
+        for d in spec.shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=spec.dtype).element_size()
+        header[spec.name] = {"dtype": _DTYPE_TO_ST[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
@@ -218,11 +245,15 @@ def save_safetensors(
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            for _, t in items:
+            for spec in specs:
+                t = spec.produce()
+                if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+                    raise ValueError(f"tensor {spec.name!r} is {t.dtype} {tuple(t.shape)}, announced {spec.dtype} {spec.shape}")
                 if t.numel() == 0:
                     continue
                 flat = t.detach().contiguous().reshape(-1).cpu()
                 f.write(memoryview(flat.view(torch.uint8).numpy()))
+                del t, flat
             f.flush()
             os.fsync(f.fileno())
     return Path(path)

@@ -1,0 +1,32 @@
+"""The LoRA format engine: read any LoRA, detect its format and base model, write webui /
+diffusers / PEFT, extract from fine-tuned checkpoints, merge, resize.
+
+Needs only torch, safetensors and numpy (diffusers only to rebuild the shipped tables).
+"""
+
+from .checkpoints import CheckpointReader
+from .extract import ExtractReport, StateDictSource, extract_lora
+from .merge import merge_into_checkpoint, merge_into_modules
+from .model import DiffModule, LoRA, LoRAModule
+from .read import detect_arch, read_lora
+from .report import LoRAReport, report
+from .resize import resize_lora
+from .tables import KNOWN_ARCHS, ModuleInfo, ModuleTable, load_table, table_for_pipeline, table_from_models
+from .write import FORMATS, save_lora, to_diffusers, to_peft, to_webui
+
+
+def convert_lora(src, dst, fmt: str = "webui", dtype=None, overwrite: bool = False, arch=None,
+                 allow_partial: bool = False, title: str | None = None) -> tuple[LoRA, LoRAReport]:
+    """Read `src` (any format), refuse unusable or partial files unless allowed, write `dst` in `fmt`."""
+    lora = read_lora(src, arch=arch)
+    lora.require_clean(allow_partial=allow_partial, what=str(src))
+    save_lora(lora, dst, fmt=fmt, dtype=dtype, overwrite=overwrite, title=title)
+    return lora, report(lora, src)
+
+
+__all__ = [
+    "CheckpointReader", "DiffModule", "ExtractReport", "FORMATS", "KNOWN_ARCHS", "LoRA", "LoRAModule", "LoRAReport",
+    "ModuleInfo", "ModuleTable", "StateDictSource", "convert_lora", "detect_arch", "extract_lora", "load_table",
+    "merge_into_checkpoint", "merge_into_modules", "read_lora", "report", "resize_lora", "save_lora",
+    "table_for_pipeline", "table_from_models", "to_diffusers", "to_peft", "to_webui",
+]

@@ -1,0 +1,302 @@
+"""Full SD checkpoints, read lazily by canonical module name.
+
+Extraction and merging need the weights of whole models: a diffusers folder (`unet/`,
+`text_encoder/`, `text_encoder_2/`), a single-file LDM/SGM checkpoint (`model.diffusion_model.*`,
+`cond_stage_model.*`, `conditioner.embedders.*`), or a bare UNet file (diffusers or LDM keys,
+as ComfyUI's `diffusion_models` folder holds). `CheckpointReader` maps each canonical module
+(component, name) to where its weight lives in those files (OpenCLIP text encoders fuse
+q/k/v into one `in_proj_weight`: the reader slices it) and reads one tensor at a time from
+memory-mapped safetensors, so an SDXL pair can be processed in little RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import CorruptFileError, ModelMismatchError
+from ..safe_io import check_exists, is_safetensors, load_pickle_weights_only, read_safetensors_header
+from .tables import KNOWN_ARCHS, ModuleTable, canonical_te_name, load_table
+
+log = logging.getLogger(__name__)
+
+_UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_TE_PREFIXES = {  # single-file prefix -> (component, style)
+    "cond_stage_model.transformer.": ("te1", "hf"),
+    "cond_stage_model.model.": ("te1", "openclip"),
+    "conditioner.embedders.0.transformer.": ("te1", "hf"),
+    "conditioner.embedders.1.model.": ("te2", "openclip"),
+}
+_OPENCLIP_RENAMES = {
+    "attn.out_proj": "self_attn.out_proj",
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a module's weight lives: file, key, optional row slice, and whether it is transposed."""
+
+    file: str
+    key: str
+    rows: tuple[int, int] | None = None
+    transpose: bool = False
+
+
+class _Files:
+    """Open safetensors files (memory-mapped) or loaded pickles, one handle per file."""
+
+    def __init__(self) -> None:
+        self.handles: dict[str, object] = {}
+        self.headers: dict[str, dict] = {}
+
+    def keys(self, path: str) -> list[str]:
+        if is_safetensors(path):
+            header, _ = read_safetensors_header(path)
+            return list(header)
+        return list(self._pickle(path))
+
+    def shape(self, path: str, key: str) -> tuple[int, ...]:
+        if is_safetensors(path):
+            return tuple(self._safe(path).get_slice(key).get_shape())
+        return tuple(self._pickle(path)[key].shape)
+
+    def info(self, path: str, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape without reading the data."""
+        if is_safetensors(path):
+            from ..safe_io import _ST_TO_DTYPE
+
+            header = self.headers.get(path)
+            if header is None:
+                header = self.headers[path] = read_safetensors_header(path)[0]
+            entry = header[key]
+            return _ST_TO_DTYPE[entry["dtype"]], tuple(entry["shape"])
+        t = self._pickle(path)[key]
+        return t.dtype, tuple(t.shape)
+
+    def get(self, path: str, key: str) -> torch.Tensor:
+        if is_safetensors(path):
+            return self._safe(path).get_tensor(key)
+        return self._pickle(path)[key]
+
+    def _safe(self, path: str):
+        if path not in self.handles:
+            from safetensors import safe_open
+
+            self.handles[path] = safe_open(path, framework="pt", device="cpu")
+        return self.handles[path]
+
+    def _pickle(self, path: str) -> dict:
+        if path not in self.handles:
+            obj = load_pickle_weights_only(Path(path))
+            if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+                obj = obj["state_dict"]
+            self.handles[path] = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        return self.handles[path]
+
+    def close(self) -> None:
+        self.handles.clear()
+
+
+def _component_files(folder: Path, sub: str) -> list[Path]:
+    d = folder / sub
+    if not d.is_dir():
+        return []
+    for stem in ("diffusion_pytorch_model", "model"):
+        index = d / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [d / s for s in shards]
+        for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+            if (d / name).is_file():
+                return [d / name]
+    return []
+
+
+class CheckpointReader:
+    """Weights of a full SD model by canonical (component, module) name; see the module docstring."""
+
+    def __init__(self, path: str | os.PathLike, arch: str | ModuleTable | None = None):
+        self.path = check_exists(path, "checkpoint")
+        self.files = _Files()
+        self.locations: dict[tuple[str, str], Location] = {}
+        self.biases: dict[tuple[str, str], Location] = {}
+        self._raw: dict[str, list[str]] = {}
+        if self.path.is_dir():
+            self._index_folder()
+        else:
+            self._index_single_file(str(self.path))
+        self.table = self._resolve_table(arch)
+
+    # -- indexing -------------------------------------------------------------------------
+    def _index_folder(self) -> None:
+        found = False
+        for sub, comp in (("unet", "unet"), ("text_encoder", "te1"), ("text_encoder_2", "te2")):
+            for f in _component_files(self.path, sub):
+                found = True
+                for key in self.files.keys(str(f)):
+                    self._add(comp, key if comp == "unet" else canonical_te_name(key), str(f), key, style="diffusers")
+        if not found:
+            raise CorruptFileError(f"{self.path} is a folder but not a diffusers model (no unet/ or text_encoder/ weights)")
+
+    def _index_single_file(self, path: str) -> None:
+        keys = self.files.keys(path)
+        if not keys:
+            raise CorruptFileError(f"{path} holds no tensors")
+        self._ldm_unet: dict[str, str] = {}
+        for key in keys:
+            for prefix in _UNET_PREFIXES:
+                if key.startswith(prefix):
+                    self._ldm_unet[key[len(prefix):]] = key
+                    break
+            else:
+                for prefix, (comp, style) in _TE_PREFIXES.items():
+                    if key.startswith(prefix):
+                        self._add_te(comp, style, key[len(prefix):], path, key)
+                        break
+        if not self._ldm_unet:
+            # a bare UNet: diffusers keys (down_blocks...) or LDM keys without prefix
+            if any(k.startswith(("down_blocks.", "mid_block.", "conv_in.")) for k in keys):
+                for key in keys:
+                    self._add("unet", key, path, key, style="diffusers")
+            elif any(k.startswith(("input_blocks.", "middle_block.")) for k in keys):
+                self._ldm_unet = {k: k for k in keys}
+        self._single_file = path
+
+    def _add(self, comp: str, param_key: str, file: str, key: str, style: str) -> None:
+        module, _, param = param_key.rpartition(".")
+        if param == "weight":
+            self.locations[(comp, module)] = Location(file, key)
+        elif param == "bias":
+            self.biases[(comp, module)] = Location(file, key)
+
+    def _add_te(self, comp: str, style: str, sub_key: str, file: str, key: str) -> None:
+        if style == "hf":
+            self._add(comp, canonical_te_name(sub_key), file, key, style)
+            return
+        # OpenCLIP layout (SD2 te1, SDXL te2)
+        if sub_key == "text_projection":
+            self.locations[(comp, "text_projection")] = Location(file, key, transpose=True)
+            return
+        if sub_key.startswith("ln_final."):
+            self._add(comp, "text_model.final_layer_norm." + sub_key.split(".")[-1], file, key, style)
+            return
+        if not sub_key.startswith("transformer.resblocks."):
+            return
+        parts = sub_key.split(".")
+        layer, rest = parts[2], ".".join(parts[3:])
+        base = f"text_model.encoder.layers.{layer}."
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            width = self.files.shape(file, key)[0] // 3
+            target = self.locations if rest.endswith("weight") else self.biases
+            for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                target[(comp, base + "self_attn." + proj)] = Location(file, key, rows=(i * width, (i + 1) * width))
+            return
+        module, _, param = rest.rpartition(".")
+        module = _OPENCLIP_RENAMES.get(module, module)
+        self._add(comp, base + module + "." + param, file, key, style)
+
+    def _resolve_table(self, arch) -> ModuleTable:
+        if isinstance(arch, ModuleTable):
+            table = arch
+        else:
+            table = load_table(arch) if arch else self._detect()
+        ldm = getattr(self, "_ldm_unet", None)
+        if ldm:
+            for param_key, key in ldm.items():
+                module, _, param = param_key.rpartition(".")
+                info = table.from_ldm(module)
+                if info is None:
+                    continue
+                target = self.locations if param == "weight" else self.biases if param == "bias" else None
+                if target is not None:
+                    target[("unet", info.name)] = Location(self._single_file, key)
+        return table
+
+    def _detect(self) -> ModuleTable:
+        """The real architecture whose UNet/TE shapes fit this checkpoint."""
+        probes = {
+            "unet-ctx": ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "input_blocks.4.1.transformer_blocks.0.attn2.to_k"),
+        }
+        ctx = None
+        diff_name, ldm_name = probes["unet-ctx"]
+        loc = self.locations.get(("unet", diff_name))
+        if loc is None and getattr(self, "_ldm_unet", None):
+            key = self._ldm_unet.get(ldm_name + ".weight")
+            loc = Location(self._single_file, key) if key else None
+        if loc is not None:
+            ctx = self.files.shape(loc.file, loc.key)[-1]
+        by_ctx = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
+        if ctx in by_ctx:
+            return load_table(by_ctx[ctx])
+        if ("te2", "text_model.encoder.layers.0.self_attn.q_proj") in self.locations:
+            return load_table("sdxl")
+        q = self.locations.get(("te1", "text_model.encoder.layers.0.self_attn.q_proj"))
+        if q is not None:
+            width = (q.rows[1] - q.rows[0]) if q.rows else self.files.shape(q.file, q.key)[0]
+            return load_table({768: "sd15", 1024: "sd2"}.get(width, "sd15"))
+        raise ModelMismatchError(
+            f"{self.path}: cannot tell which model this is (no SD1.5/SD2/SDXL UNet or text encoder keys found); "
+            f"known: {', '.join(KNOWN_ARCHS)}"
+        )
+
+    # -- access ---------------------------------------------------------------------------
+    @property
+    def arch(self) -> str:
+        return self.table.arch
+
+    def has(self, component: str, name: str) -> bool:
+        return (component, name) in self.locations
+
+    def components(self) -> list[str]:
+        return sorted({c for c, _ in self.locations}, key=("unet", "te1", "te2").index)
+
+    def _read(self, loc: Location) -> torch.Tensor:
+        t = self.files.get(loc.file, loc.key)
+        if loc.rows is not None:
+            t = t[loc.rows[0]: loc.rows[1]]
+        return t.T if loc.transpose else t
+
+    def weight(self, component: str, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """The module's weight in the table's shape (conv 1x1 <-> linear reshaped), or None."""
+        loc = self.locations.get((component, name))
+        if loc is None:
+            return None
+        t = self._read(loc)
+        info = self.table.get(component, name)
+        if info is not None and tuple(t.shape) != info.shape:
+            if t.numel() != torch.Size(info.shape).numel():
+                raise ModelMismatchError(f"{self.path}: {component}:{name} has shape {list(t.shape)}, expected {list(info.shape)} for {self.arch}")
+            t = t.reshape(info.shape)
+        return t.to(dtype)
+
+    def iter_modules(self, components=("unet",), kinds=("linear", "conv")) -> Iterator[tuple]:
+        for info in self.table.modules.values():
+            if info.component in components and info.kind in kinds and self.has(info.component, info.name):
+                yield info
+
+    def close(self) -> None:
+        self.files.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def raw_keys(reader: CheckpointReader) -> dict[str, list[str]]:
+    """Every file of the checkpoint and its keys (for merge: everything is copied)."""
+    files = sorted({loc.file for loc in list(reader.locations.values()) + list(reader.biases.values())})
+    if not reader.path.is_dir():
+        files = [str(reader.path)]
+    return {f: reader.files.keys(f) for f in files}

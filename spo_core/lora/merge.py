@@ -1,0 +1,157 @@
+"""Merge a LoRA into a checkpoint, or into live modules: W <- W + strength * delta.
+
+Checkpoints are rewritten tensor by tensor (one tensor in memory at a time): a single-file
+checkpoint becomes a new single file with the same keys and dtypes; a diffusers folder
+becomes a new folder whose changed components are rewritten as safetensors and whose other
+files are copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelMismatchError, OutputExistsError
+from ..progress import CancelFn, ProgressFn, Reporter
+from ..safe_io import LazyTensor, read_safetensors_header, save_safetensors_lazy
+from .checkpoints import CheckpointReader, Location, raw_keys
+from .model import LoRA
+from .tables import live_te_name
+
+log = logging.getLogger(__name__)
+
+
+def _edits(reader: CheckpointReader, lora: LoRA, strength: float) -> dict[tuple[str, str], list]:
+    """(file, key) -> [(row slice or None, transpose, delta fn)] for every tensor the LoRA changes."""
+    if lora.arch != reader.arch:
+        raise ModelMismatchError(f"the LoRA is for {lora.arch} but the checkpoint {reader.path} is {reader.arch}")
+    edits: dict[tuple[str, str], list] = defaultdict(list)
+    missing = []
+    for (comp, name), m in lora.modules.items():
+        loc = reader.locations.get((comp, name))
+        if loc is None:
+            missing.append(f"{comp}:{name}")
+            continue
+        edits[(loc.file, loc.key)].append((loc, lambda m=m: m.delta() * strength))
+    for (comp, name), d in lora.diffs.items():
+        for part, table in (("diff", reader.locations), ("diff_b", reader.biases)):
+            t = getattr(d, part)
+            if t is None:
+                continue
+            loc = table.get((comp, name))
+            if loc is None:
+                missing.append(f"{comp}:{name}.{part}")
+                continue
+            edits[(loc.file, loc.key)].append((loc, lambda t=t: t.float() * strength))
+    if missing:
+        raise ModelMismatchError(f"{len(missing)} LoRA modules are not in {reader.path}: {', '.join(missing[:8])}")
+    return edits
+
+
+def _apply(tensor: torch.Tensor, changes: list) -> torch.Tensor:
+    out = tensor.float().clone()
+    for loc, delta_fn in changes:
+        delta = delta_fn()
+        target = out[loc.rows[0]: loc.rows[1]] if loc.rows is not None else out
+        if loc.transpose:
+            delta = delta.T
+        target += delta.reshape(target.shape)
+    return out.to(tensor.dtype)
+
+
+def merge_into_checkpoint(
+    checkpoint: str | os.PathLike,
+    lora: LoRA,
+    output: str | os.PathLike,
+    strength: float = 1.0,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> Path:
+    """Write `checkpoint` with `lora` merged at `strength` to `output` (same layout as the input)."""
+    reader = CheckpointReader(checkpoint, arch=lora.table if lora.arch not in ("sd15", "sd2", "sdxl") else None)
+    edits = _edits(reader, lora, strength)
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} exists; pass overwrite (--overwrite) to replace it")
+    files = raw_keys(reader)
+    reporter = Reporter("merge", sum(len(k) for k in files.values()), progress, cancel)
+    done = 0
+
+    def write_file(src: str, dst: Path) -> None:
+        nonlocal done
+        specs = []
+        meta = {}
+        if src.endswith((".safetensors", ".sft")):
+            _, meta = read_safetensors_header(src)
+        for key in files[src]:
+            dtype, shape = reader.files.info(src, key)
+            changes = edits.get((src, key))
+
+            def produce(key=key, changes=changes):
+                nonlocal done
+                done += 1
+                if done % 50 == 0:
+                    reporter.update(done, key)
+                t = reader.files.get(src, key)
+                return _apply(t, changes) if changes else t
+
+            specs.append(LazyTensor(key, dtype, shape, produce))
+        save_safetensors_lazy(specs, dst, meta or None, overwrite=overwrite)
+
+    try:
+        if reader.path.is_dir():
+            if output.exists():
+                shutil.rmtree(output)
+            changed = {f for f, _ in edits}
+            for src in reader.path.rglob("*"):
+                rel = src.relative_to(reader.path)
+                dst = output / rel
+                if src.is_dir():
+                    continue
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if str(src) in changed:
+                    write_file(str(src), dst.with_suffix(".safetensors") if dst.suffix == ".bin" else dst)
+                else:
+                    shutil.copy2(src, dst)
+        else:
+            src = str(reader.path)
+            write_file(src, output if output.suffix in (".safetensors", ".sft") else output.with_suffix(".safetensors"))
+    finally:
+        reader.close()
+    reporter.update(reporter.total, "done")
+    return output
+
+
+@torch.no_grad()
+def merge_into_modules(modules: dict[str, torch.nn.Module], lora: LoRA, strength: float = 1.0) -> int:
+    """Add the LoRA into live modules in place: `modules` maps component -> root module
+    (a diffusers UNet, transformers text encoders). Returns the number of modules changed."""
+    count = 0
+    for (comp, name), m in lora.modules.items():
+        root = modules.get(comp)
+        if root is None:
+            continue
+        live = name if comp == "unet" else live_te_name(name, root)
+        target = root.get_submodule(live)
+        target.weight += (m.delta(dtype=torch.float32, device=target.weight.device) * strength).to(target.weight.dtype).reshape(target.weight.shape)
+        count += 1
+    for (comp, name), d in lora.diffs.items():
+        root = modules.get(comp)
+        if root is None:
+            continue
+        target = root.get_submodule(name if comp == "unet" else live_te_name(name, root))
+        if d.diff is not None:
+            target.weight += (d.diff.float() * strength).to(target.weight)
+        if d.diff_b is not None and target.bias is not None:
+            target.bias += (d.diff_b.float() * strength).to(target.bias)
+        count += 1
+    return count
+
+
+__all__ = ["merge_into_checkpoint", "merge_into_modules", "Location"]

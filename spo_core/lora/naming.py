@@ -1,0 +1,123 @@
+"""Every naming scheme a LoRA file may use for a module, derived from the module table.
+
+For a UNet module with canonical name `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`
+and LDM name `input_blocks.1.1.transformer_blocks.0.attn1.to_q` a file may call it:
+
+| scheme            | module prefix                                                        |
+|-------------------|----------------------------------------------------------------------|
+| kohya (diffusers) | lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q |
+| kohya (LDM)       | lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q           |
+| diffusers / PEFT  | unet.down_blocks.0...to_q, down_blocks.0...to_q, base_model.model... |
+| old diffusers     | unet.down_blocks.0...attn1.processor.to_q (+ `_lora.up.weight`)      |
+| ComfyUI generic   | diffusion_model.input_blocks.1.1...to_q                              |
+| LyCORIS (ST)      | lycoris_down_blocks_0_..._to_q                                       |
+
+and the tensor suffixes of `SUFFIXES`. Text encoders use `lora_te_`, `lora_te1_`, `lora_te2_`,
+`text_encoder.`, `text_encoder_2.` and `text_encoders.clip_{l,g,h}.transformer.`.
+"""
+
+from __future__ import annotations
+
+from .tables import ModuleInfo, ModuleTable
+
+# tensor suffix -> (part, scheme); checked longest first
+SUFFIXES: dict[str, tuple[str, str]] = {
+    ".lora_up.weight": ("up", "kohya"),
+    ".lora_down.weight": ("down", "kohya"),
+    ".lora_mid.weight": ("mid", "kohya"),
+    ".lora_B.weight": ("up", "peft"),
+    ".lora_A.weight": ("down", "peft"),
+    ".lora_B.default.weight": ("up", "peft"),
+    ".lora_A.default.weight": ("down", "peft"),
+    ".lora.up.weight": ("up", "diffusers"),
+    ".lora.down.weight": ("down", "diffusers"),
+    "_lora.up.weight": ("up", "diffusers_old"),
+    "_lora.down.weight": ("down", "diffusers_old"),
+    ".lora_linear_layer.up.weight": ("up", "diffusers_old"),
+    ".lora_linear_layer.down.weight": ("down", "diffusers_old"),
+    ".alpha": ("alpha", ""),
+    ".diff": ("diff", "full"),
+    ".diff_b": ("diff_b", "full"),
+    ".dora_scale": ("dora_scale", ""),
+}
+SUFFIX_ORDER = sorted(SUFFIXES, key=len, reverse=True)
+
+# parts we can read but not represent as a plain LoRA (LoHa, LoKr, DoRA, GLoRA, OFT...)
+UNSUPPORTED_MARKERS = ("hada_", "lokr_", "dora_scale", "oft_", ".a1.weight", ".b1.weight", "w_norm", "b_norm")
+
+
+def flatten(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def kohya_name(m: ModuleInfo, family: str) -> str:
+    """The kohya/webui module name we write: diffusers-style for SD1/SD2, LDM-style for SDXL (as kohya does)."""
+    if m.component == "unet":
+        base = m.ldm if (family == "sdxl" and m.ldm) else m.name
+        return "lora_unet_" + flatten(base)
+    if family == "sdxl":
+        return ("lora_te1_" if m.component == "te1" else "lora_te2_") + flatten(m.name)
+    return "lora_te_" + flatten(m.name)
+
+
+def diffusers_prefix(m: ModuleInfo) -> str:
+    return {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}[m.component] + m.name
+
+
+def _processor_name(name: str) -> str | None:
+    """Old diffusers attention-processor path: attn1.to_q -> attn1.processor.to_q, to_out.0 -> processor.to_out."""
+    for proj in ("to_q", "to_k", "to_v"):
+        if name.endswith("." + proj):
+            return name[: -len(proj)] + "processor." + proj
+    if name.endswith(".to_out.0"):
+        return name[: -len("to_out.0")] + "processor.to_out"
+    return None
+
+
+def aliases(m: ModuleInfo, family: str) -> list[str]:
+    """Every module prefix under which a LoRA file may store this module."""
+    n = m.name
+    if m.component == "unet":
+        out = [
+            "lora_unet_" + flatten(n), n, "unet." + n, "base_model.model." + n, "unet.base_model.model." + n,
+            "lycoris_" + flatten(n),
+        ]
+        if m.ldm:
+            out += ["lora_unet_" + flatten(m.ldm), "diffusion_model." + m.ldm, "model.diffusion_model." + m.ldm]
+        proc = _processor_name(n)
+        if proc:
+            out += [proc, "unet." + proc]
+        return out
+    flat = flatten(n)
+    if m.component == "te1":
+        out = ["lora_te1_" + flat, "lora_te_" + flat, "text_encoder." + n, "text_encoder.base_model.model." + n]
+        clip = "clip_h" if family == "sd2" else "clip_l"
+        out.append(f"text_encoders.{clip}.transformer." + n)
+        return out
+    return ["lora_te2_" + flat, "text_encoder_2." + n, "text_encoder_2.base_model.model." + n,
+            "text_encoders.clip_g.transformer." + n]
+
+
+def alias_map(table: ModuleTable) -> dict[str, ModuleInfo]:
+    """prefix -> module for every alias of every module of `table` (built once per table)."""
+    cached = table.__dict__.get("_alias_map")
+    if cached is None:
+        cached = {}
+        for m in table.modules.values():
+            for a in aliases(m, table.family):
+                cached.setdefault(a, m)
+        table.__dict__["_alias_map"] = cached
+    return cached
+
+
+def split_key(key: str, amap: dict[str, ModuleInfo]) -> tuple[ModuleInfo, str, str] | None:
+    """(module, part, scheme) of a LoRA file key, or None if no module of the table matches."""
+    for suffix in SUFFIX_ORDER:
+        if key.endswith(suffix):
+            m = amap.get(key[: -len(suffix)])
+            if m is not None:
+                part, scheme = SUFFIXES[suffix]
+                if scheme == "" and suffix == ".alpha":
+                    scheme = "kohya" if key.startswith(("lora_", "lycoris_")) else ""
+                return m, part, scheme
+    return None

@@ -1,0 +1,266 @@
+"""Read a LoRA in any format, detect its format and base architecture.
+
+The file's keys are matched against the module tables of SD1.5, SD2.x and SDXL (or a table
+the caller gives, e.g. of a tiny test model); the table under which most modules match with
+consistent shapes wins, with the file's own metadata (`ss_base_model_version`,
+`modelspec.architecture`) as the tie-breaker. Every key that matches nothing is kept in
+`LoRA.unmatched`, every matched module that cannot be used in `LoRA.problems`: nothing is
+dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from ..errors import LoRAFormatError
+from ..safe_io import check_exists, check_finite, load_state_dict
+from .model import DiffModule, LoRA, LoRAModule
+from .naming import UNSUPPORTED_MARKERS, alias_map, split_key
+from .tables import KNOWN_ARCHS, ModuleInfo, ModuleTable, load_table, resolve_table
+
+log = logging.getLogger(__name__)
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_SUBFOLDERS = {"": "unet", "unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
+
+
+def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, dict]]:
+    """(state dict, metadata, peft configs by component) of a LoRA file or PEFT folder."""
+    p = check_exists(path, "LoRA file")
+    if p.is_dir():
+        return _load_peft_folder(p)
+    sd, metadata = load_state_dict(p)
+    peft_configs = {}
+    sidecar = p.parent / PEFT_CONFIG
+    if sidecar.is_file() and p.name in PEFT_WEIGHTS:
+        peft_configs["unet"] = json.loads(sidecar.read_text())
+    return sd, metadata, peft_configs
+
+
+def _load_peft_folder(folder: Path):
+    sd: dict[str, torch.Tensor] = {}
+    configs: dict[str, dict] = {}
+    metadata: dict[str, str] = {}
+    found = False
+    for sub, comp in PEFT_SUBFOLDERS.items():
+        d = folder / sub if sub else folder
+        cfg = d / PEFT_CONFIG
+        weights = next((d / w for w in PEFT_WEIGHTS if (d / w).is_file()), None)
+        if not cfg.is_file() or weights is None or (sub == "unet" and configs.get("unet")):
+            continue
+        found = True
+        part, meta = load_state_dict(weights)
+        metadata.update(meta)
+        configs[comp] = json.loads(cfg.read_text())
+        prefix = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}[comp]
+        for k, v in part.items():
+            key = k[len("base_model.model."):] if k.startswith("base_model.model.") else k
+            sd[prefix + key] = v
+    if not found:
+        raise LoRAFormatError(f"{folder} is a folder but holds no PEFT adapter ({PEFT_CONFIG} + {PEFT_WEIGHTS[0]})")
+    return sd, metadata, configs
+
+
+def metadata_arch(metadata: Mapping[str, str]) -> str | None:
+    """The base architecture a file's metadata claims, if any."""
+    v = (metadata.get("ss_base_model_version") or "").lower()
+    spec = (metadata.get("modelspec.architecture") or "").lower()
+    if v.startswith("sdxl") or "stable-diffusion-xl" in spec:
+        return "sdxl"
+    if v.startswith("sd_v2") or metadata.get("ss_v2") == "True" or "stable-diffusion-v2" in spec:
+        return "sd2"
+    if v.startswith("sd_v1") or "stable-diffusion-v1" in spec:
+        return "sd15"
+    return None
+
+
+def _fits(info: ModuleInfo, down: torch.Tensor | None, up: torch.Tensor | None) -> bool:
+    if down is None or up is None or down.ndim < 2 or up.ndim < 2:
+        return False
+    r = down.shape[0]
+    return up.shape[1] == r and up.shape[0] == info.out_features and math.prod(down.shape[1:]) == info.in_features
+
+
+def _normalize(info: ModuleInfo, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring factors to kohya's shape convention for this module's kind."""
+    r = down.shape[0]
+    if info.kind == "conv":
+        _, cin, kh, kw = info.shape
+        return down.reshape(r, cin, kh, kw), up.reshape(info.out_features, r, 1, 1)
+    return down.reshape(r, info.in_features), up.reshape(info.out_features, r)
+
+
+def _fold_mid(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """Fold a LyCORIS/LoCon Tucker core into down: [r,r,kh,kw] o [r,in,1,1] -> [r,in,kh,kw] (exact)."""
+    d = down.reshape(down.shape[0], -1)
+    return torch.einsum("omyx,mi->oiyx", mid.float(), d.float()).to(down.dtype)
+
+
+def _peft_alpha(configs: dict[str, dict], comp: str, name: str, rank: int) -> float | None:
+    cfg = configs.get(comp)
+    if not cfg:
+        return None
+    alpha = float(cfg.get("lora_alpha", cfg.get("r", rank)))
+    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            alpha = float(value)
+    scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    return scaling * rank
+
+
+def _format_label(prefix_key: str, scheme: str, info: ModuleInfo) -> str:
+    if prefix_key.startswith("lora_unet_") and info.ldm and prefix_key.startswith("lora_unet_" + info.ldm.replace(".", "_")):
+        return "kohya-ldm"
+    if prefix_key.startswith(("lora_unet_", "lora_te")):
+        return "kohya"
+    if prefix_key.startswith(("diffusion_model.", "model.diffusion_model.", "text_encoders.")):
+        return "comfy"
+    if prefix_key.startswith("lycoris_"):
+        return "lycoris"
+    return scheme or "unknown"
+
+
+def _match(sd: Mapping[str, torch.Tensor], table: ModuleTable):
+    amap = alias_map(table)
+    parts: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = defaultdict(dict)
+    unmatched, labels = [], Counter()
+    for key, tensor in sd.items():
+        hit = split_key(key, amap)
+        if hit is None or any(marker in key for marker in UNSUPPORTED_MARKERS):
+            unmatched.append(key)
+            continue
+        info, part, scheme = hit
+        parts[(info.component, info.name)][part] = (key, tensor)
+        if part != "alpha":
+            labels[_format_label(key, scheme, info)] += 1
+    return parts, unmatched, labels
+
+
+def _score(table: ModuleTable, parts) -> tuple[int, int]:
+    fitting = 0
+    for (comp, name), p in parts.items():
+        info = table.get(comp, name)
+        down, up = p.get("down", (None, None))[1], p.get("up", (None, None))[1]
+        if down is not None and "mid" in p:
+            down = _fold_mid(down, p["mid"][1])
+        if "down" in p and _fits(info, down, up):
+            fitting += 1
+        elif "diff" in p and tuple(p["diff"][1].shape) == info.shape:
+            fitting += 1
+    return fitting, len(parts)
+
+
+def read_lora(
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    arch: str | ModuleTable | None = None,
+    metadata: Mapping[str, str] | None = None,
+    candidates: Iterable[str | ModuleTable] = KNOWN_ARCHS,
+    check_values: bool = True,
+) -> LoRA:
+    """Read a LoRA file, PEFT folder or state dict.
+
+    `arch` forces the architecture (a name or a table); otherwise the best matching of
+    `candidates` is chosen. Raises LoRAFormatError when nothing matches and
+    InvalidTensorError on NaN/inf (with `check_values`); partial matches come back with
+    `unmatched` / `problems` filled in, for the caller to report or refuse.
+    """
+    peft_configs: dict[str, dict] = {}
+    name = "state dict"
+    if isinstance(source, Mapping):
+        sd, meta = dict(source), dict(metadata or {})
+    else:
+        name = str(source)
+        sd, meta, peft_configs = load_lora_file(source)
+        meta.update(metadata or {})
+    if not sd:
+        raise LoRAFormatError(f"{name} holds no tensors")
+
+    tables = [resolve_table(arch)] if arch is not None else [resolve_table(c) for c in candidates]
+    claimed = metadata_arch(meta)
+    best = None
+    for table in tables:
+        parts, unmatched, labels = _match(sd, table)
+        fitting, matched = _score(table, parts)
+        rank = (fitting, matched, table.arch == claimed)
+        if best is None or rank > best[0]:
+            best = (rank, table, parts, unmatched, labels)
+    (fitting, matched, _), table, parts, unmatched, labels = best
+    if matched == 0:
+        sample = "\n  ".join(sorted(sd)[:12])
+        raise LoRAFormatError(
+            f"{name}: no key matches a known LoRA naming scheme of "
+            f"{', '.join(t.arch for t in tables)} ({len(sd)} keys), e.g.:\n  {sample}\n"
+            "Supported: kohya/webui (lora_unet_*, lora_te*_), diffusers (unet.*.lora.down.weight), "
+            "PEFT (lora_A/lora_B), old diffusers processors, ComfyUI (diffusion_model.*). "
+            "LoHa/LoKr/DoRA/OFT files are not supported."
+        )
+
+    lora = LoRA(table, metadata=dict(meta), unmatched=sorted(unmatched))
+    lora.source_format = labels.most_common(1)[0][0] if labels else "unknown"
+    if len(labels) > 1:
+        lora.notes.append("mixed naming schemes: " + ", ".join(f"{k} ({v})" for k, v in labels.most_common()))
+    if claimed and claimed != table.arch:
+        lora.notes.append(f"metadata says {claimed} but the keys and shapes fit {table.arch}")
+    assumed_alpha = 0
+    for (comp, mname), p in parts.items():
+        info = table.get(comp, mname)
+        if "diff" in p or "diff_b" in p:
+            diff = p.get("diff", (None, None))[1]
+            diff_b = p.get("diff_b", (None, None))[1]
+            if diff is not None and tuple(diff.shape) != info.shape:
+                lora.problems.append(f"{p['diff'][0]}: shape {list(diff.shape)} != weight {list(info.shape)}")
+                continue
+            lora.diffs[(comp, mname)] = DiffModule(info, diff, diff_b)
+            if "down" not in p and "up" not in p:
+                continue
+        if "down" not in p or "up" not in p:
+            have = next(iter(p.values()))[0]
+            lora.problems.append(f"{have}: module {comp}:{mname} has no {'up' if 'down' in p else 'down'} weight")
+            continue
+        down, up = p["down"][1], p["up"][1]
+        if "mid" in p:
+            down = _fold_mid(down, p["mid"][1])
+        if not _fits(info, down, up):
+            lora.problems.append(
+                f"{p['down'][0]}: shapes down {list(down.shape)} / up {list(up.shape)} do not fit "
+                f"{comp}:{mname} with weight {list(info.shape)}"
+            )
+            continue
+        down, up = _normalize(info, down, up)
+        rank = down.shape[0]
+        if "alpha" in p:
+            alpha = float(p["alpha"][1].float().item())
+            if alpha == 0:
+                alpha = float(rank)  # kohya: alpha 0 / None means alpha = rank
+        else:
+            alpha = _peft_alpha(peft_configs, comp, mname, rank)
+            if alpha is None:
+                alpha = float(rank)
+                assumed_alpha += 1
+        lora.modules[(comp, mname)] = LoRAModule(info, down, up, alpha)
+    if assumed_alpha:
+        lora.notes.append(f"{assumed_alpha} modules have no alpha: assumed alpha = rank (scale 1), as every loader does")
+    if check_values:
+        tensors = {f"{c}:{n}.down": m.down for (c, n), m in lora.modules.items()}
+        tensors.update({f"{c}:{n}.up": m.up for (c, n), m in lora.modules.items()})
+        tensors.update({f"{c}:{n}.diff": d.diff for (c, n), d in lora.diffs.items() if d.diff is not None})
+        check_finite(tensors, name)
+    return lora
+
+
+def detect_arch(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """The architecture whose table fits a LoRA state dict best."""
+    return read_lora(sd, metadata=metadata, check_values=False).arch
+
+
+__all__ = ["read_lora", "load_lora_file", "detect_arch", "metadata_arch", "load_table"]

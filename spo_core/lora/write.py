@@ -1,0 +1,198 @@
+"""Write a LoRA as kohya/webui, diffusers or PEFT.
+
+- webui (default): kohya keys (`lora_unet_*`, `lora_te_*` / `lora_te1_*` / `lora_te2_*`),
+  diffusers-style block names for SD1/SD2 and LDM-style for SDXL (as kohya writes them), an
+  `alpha` per module, and kohya `ss_*` plus `modelspec.*` metadata so that both A1111 and Forge
+  detect the base model. Loads in ComfyUI, the WebUI and diffusers.
+- diffusers: `unet.<path>.lora.down.weight` / `text_encoder.<path>...` as diffusers'
+  `save_lora_weights` writes; the alpha/rank scale is baked into `up` (that format has no alpha).
+- peft: a folder per component (`adapter_config.json` + `adapter_model.safetensors`, text
+  encoders in `text_encoder/`, `text_encoder_2/`), loadable with `PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import ConfigError, LoRAFormatError, OutputExistsError
+from ..safe_io import save_safetensors
+from .model import LoRA
+from .naming import diffusers_prefix, kohya_name
+
+FORMATS = ("webui", "diffusers", "peft")
+FORMAT_ALIASES = {"webui": "webui", "kohya": "webui", "a1111": "webui", "comfyui": "webui", "diffusers": "diffusers", "peft": "peft"}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
+                   "sdxl": "stable-diffusion-xl-v1-base/lora"}
+_PEFT_DIRS = {"unet": "", "te1": "text_encoder", "te2": "text_encoder_2"}
+
+
+def normalize_format(fmt: str) -> str:
+    try:
+        return FORMAT_ALIASES[fmt.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose fp32, fp16 or bf16") from None
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _single(counter: Counter) -> str:
+    return f"{next(iter(counter)):g}" if len(counter) == 1 else "Dynamic"
+
+
+def kohya_metadata(lora: LoRA, title: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """kohya `ss_*` and SAI `modelspec.*` metadata; the source file's other keys are kept."""
+    family = lora.table.family
+    meta = {k: v for k, v in lora.metadata.items() if isinstance(v, str)}
+    ranks, alphas = lora.ranks(), lora.alphas()
+    meta.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": _single(ranks) if ranks else "0",
+        "ss_network_alpha": _single(alphas) if alphas else "0",
+        "ss_base_model_version": _BASE_VERSION[family],
+        "ss_v2": str(family == "sd2"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": _MODELSPEC_ARCH[family],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+    })
+    convs = [m for m in lora.modules.values() if m.info.kind == "conv" and m.info.shape[2] > 1]
+    if convs:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(max(m.rank for m in convs)),
+                                              "conv_alpha": f"{max(m.alpha for m in convs):g}"})
+    if title:
+        meta["ss_output_name"] = title
+        meta["modelspec.title"] = title
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def to_webui(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """kohya/webui state dict (names as kohya writes them for the LoRA's family)."""
+    out: dict[str, torch.Tensor] = {}
+    family = lora.table.family
+    for m in lora.modules.values():
+        name = kohya_name(m.info, family)
+        out[f"{name}.lora_down.weight"] = _cast(m.down, dtype)
+        out[f"{name}.lora_up.weight"] = _cast(m.up, dtype)
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    for d in lora.diffs.values():
+        name = kohya_name(d.info, family)
+        if d.diff is not None:
+            out[f"{name}.diff"] = _cast(d.diff, dtype)
+        if d.diff_b is not None:
+            out[f"{name}.diff_b"] = _cast(d.diff_b, dtype)
+    return out
+
+
+def _require_no_diffs(lora: LoRA, fmt: str) -> None:
+    if lora.diffs:
+        names = ", ".join(f"{c}:{n}" for c, n in list(lora.diffs)[:5])
+        raise LoRAFormatError(
+            f"the {fmt} format cannot hold full weight differences (.diff/.diff_b) of {len(lora.diffs)} "
+            f"modules ({names}...); write it as webui/kohya instead"
+        )
+
+
+def _baked(m, dtype):
+    """(down, up) with the alpha/rank scale folded into up, for formats without alpha."""
+    up = m.up if m.scale == 1.0 else (m.up.float() * m.scale).to(m.up.dtype)
+    return _cast(m.down, dtype), _cast(up, dtype)
+
+
+def to_diffusers(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """diffusers layout: `unet.<path>.lora.down.weight` (as the SPO release) and
+    `text_encoder.<path>.lora_linear_layer.down.weight`.
+
+    One suffix per component on purpose: diffusers decides how to convert a UNet state dict
+    from its first key only, so mixing `.lora.down` and `.lora_A` would drop modules.
+    """
+    _require_no_diffs(lora, "diffusers")
+    out = {}
+    for m in lora.modules.values():
+        down, up = _baked(m, dtype)
+        prefix = diffusers_prefix(m.info)
+        part = "lora" if m.info.component == "unet" else "lora_linear_layer"
+        out[f"{prefix}.{part}.down.weight"] = down
+        out[f"{prefix}.{part}.up.weight"] = up
+    return out
+
+
+def to_peft(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+    """Per component (unet/te1/te2): (PEFT adapter state dict, adapter_config.json content)."""
+    _require_no_diffs(lora, "peft")
+    out = {}
+    for comp in lora.components():
+        mods = [m for (c, _), m in lora.modules.items() if c == comp]
+        ranks = Counter(m.rank for m in mods)
+        alphas = Counter(m.alpha for m in mods)
+        r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+        sd = {}
+        for m in mods:
+            sd[f"base_model.model.{m.info.name}.lora_A.weight"] = _cast(m.down, dtype)
+            sd[f"base_model.model.{m.info.name}.lora_B.weight"] = _cast(m.up, dtype)
+        config = {
+            "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+            "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "target_modules": sorted(m.info.name for m in mods),
+            "rank_pattern": {re.escape(m.info.name): m.rank for m in mods if m.rank != r},
+            "alpha_pattern": {re.escape(m.info.name): m.alpha for m in mods if m.alpha != alpha},
+            "base_model_name_or_path": None, "inference_mode": True,
+        }
+        out[comp] = (sd, config)
+    return out
+
+
+def save_lora(
+    lora: LoRA,
+    path: str | os.PathLike,
+    fmt: str = "webui",
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    title: str | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write `lora` in `fmt` (webui/kohya, diffusers, peft) atomically; returns the path written.
+
+    For peft, `path` is a folder. Refuses an existing output unless `overwrite`.
+    """
+    fmt = normalize_format(fmt)
+    dt = resolve_dtype(dtype)
+    path = Path(path)
+    if fmt == "webui":
+        meta = kohya_metadata(lora, title or path.stem, extra_metadata)
+        return save_safetensors(to_webui(lora, dt), path, meta, overwrite=overwrite)
+    if fmt == "diffusers":
+        meta = {k: str(v) for k, v in (extra_metadata or {}).items()}
+        meta["format"] = "pt"
+        return save_safetensors(to_diffusers(lora, dt), path, meta, overwrite=overwrite)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} exists; pass overwrite (--overwrite) to replace it")
+    for comp, (sd, config) in to_peft(lora, dt).items():
+        folder = path / _PEFT_DIRS[comp] if _PEFT_DIRS[comp] else path
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors(sd, folder / "adapter_model.safetensors", {"format": "pt"}, overwrite=True)
+        tmp = folder / ".adapter_config.json.partial"
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, folder / "adapter_config.json")
+    return path
