@@ -133,6 +133,7 @@ def link_webui_extension(webui: str, copy: bool = False, overwrite: bool = False
         # a copied extension cannot reach spo_core next to it: copy the library too
         shutil.copytree(os.path.join(ROOT, "spo_core"), os.path.join(target, "spo_core"),
                         ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(os.path.join(ROOT, "install.py"), os.path.join(target, "install.py"))
     else:
         os.symlink(source, target, target_is_directory=True)
     return target

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LoRAFormatError
+from ..errors import LoRAFormatError, ModelMismatchError
 from .tables import ModuleInfo, ModuleTable
 
 
@@ -98,6 +98,14 @@ class LoRA:
                 f"{what}: {len(self.unmatched)} keys match no module of {self.arch} (partial match; "
                 f"allow partial loading to use the {len(self.modules) + len(self.diffs)} modules that matched):"
                 + _listing(self.unmatched)
+            )
+
+    def ensure_arch(self, model_arch: str, what: str = "this LoRA") -> None:
+        """Refuse to apply a LoRA made for another base model (e.g. an SDXL LoRA on SD1.5)."""
+        if model_arch != self.arch:
+            raise ModelMismatchError(
+                f"{what} is made for {self.arch} but the model is {model_arch}: its layers have other "
+                f"names and sizes, so it cannot be applied. Use a LoRA trained for {model_arch}."
             )
 
     def scaled(self, factor: float) -> "LoRA":
