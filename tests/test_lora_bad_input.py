@@ -163,3 +163,14 @@ def test_interrupted_conversion_keeps_the_old_file(tmp_path, sd15_file, monkeypa
         convert_lora(sd15_file, out, overwrite=True, fmt="webui")
     assert out.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["out.safetensors", "spo.safetensors"]
+
+
+def test_dora_modules_are_problems_not_silently_plain_loras():
+    table = load_table("sd15")
+    sd = to_webui(random_lora(table, spo_modules(table)[:2]))
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    sd[name + ".dora_scale"] = torch.ones(1, 320)
+    lora = read_lora(sd)
+    assert len(lora.modules) == 1 and "DoRA" in lora.problems[0]
+    with pytest.raises(LoRAFormatError):
+        lora.require_clean(allow_partial=True)

@@ -43,7 +43,7 @@ SUFFIXES: dict[str, tuple[str, str]] = {
 SUFFIX_ORDER = sorted(SUFFIXES, key=len, reverse=True)
 
 # parts we can read but not represent as a plain LoRA (LoHa, LoKr, DoRA, GLoRA, OFT...)
-UNSUPPORTED_MARKERS = ("hada_", "lokr_", "dora_scale", "oft_", ".a1.weight", ".b1.weight", "w_norm", "b_norm")
+UNSUPPORTED_MARKERS = ("hada_", "lokr_", "oft_", ".a1.weight", ".b1.weight", ".w_norm", ".b_norm")
 
 
 def flatten(name: str) -> str:

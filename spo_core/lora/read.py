@@ -223,6 +223,9 @@ def read_lora(
             lora.diffs[(comp, mname)] = DiffModule(info, diff, diff_b)
             if "down" not in p and "up" not in p:
                 continue
+        if "dora_scale" in p:
+            lora.problems.append(f"{p['dora_scale'][0]}: DoRA (weight-decomposed LoRA) is not supported; module {comp}:{mname} cannot be used")
+            continue
         if "down" not in p or "up" not in p:
             have = next(iter(p.values()))[0]
             lora.problems.append(f"{have}: module {comp}:{mname} has no {'up' if 'down' in p else 'down'} weight")
