@@ -19,17 +19,20 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip on machines with local wheel mirrors warns about every missing mirror folder: keep the log readable
+quiet_pip() { "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 stamp="$VENV/.spo-installed"
 want="$(cat pyproject.toml scripts/dev.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
     echo "[dev] installing $TORCH_SPEC"
     # shellcheck disable=SC2086
-    "$VENV/bin/python" -m pip install -q $TORCH_SPEC
+    quiet_pip $TORCH_SPEC
   fi
   echo "[dev] installing spo-pack[all,dev]"
-  "$VENV/bin/python" -m pip install -q -e ".[all,dev]"
+  quiet_pip -e ".[all,dev]"
   echo "$want" > "$stamp"
+  echo "[dev] environment ready after ${SECONDS}s"
 fi
 
 # no network at run time: nothing may reach a model hub

@@ -70,7 +70,7 @@ def test_link_webui_extension(tmp_path):
     install = _load_install()
     (tmp_path / "extensions").mkdir()
     target = install.link_webui_extension(str(tmp_path))
-    assert os.path.islink(target) and Path(target, "scripts").is_dir()
+    assert os.path.islink(target) and Path(target, "install.py").is_file()
     with pytest.raises(SystemExit, match="exists"):
         install.link_webui_extension(str(tmp_path))
     copied = install.link_webui_extension(str(tmp_path), copy=True, overwrite=True)
