@@ -1,0 +1,5 @@
+"""Hosts implemented inside spo_core (the ComfyUI and WebUI ones live in nodes/ and webui_extension/)."""
+
+from .diffusers_backend import DiffusersBackend, DiffusersDenoiser
+
+__all__ = ["DiffusersBackend", "DiffusersDenoiser"]

@@ -1,0 +1,58 @@
+"""Best-of-N: N independent full samples per prompt, the final images scored, the best kept.
+
+The baseline for the per-step resampler, with the same inputs and result type. All N*B rows
+run as one batch (k-major like the resampler's pools).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..progress import CancelFn
+from .denoiser import Conditioning, CountingDenoiser, Decoder, Denoiser, repeat_cond
+from .resampler import ResampleResult, StepRecord, _check_scorer
+from .samplers import StepCallback, sample_ancestral
+from .schedule import NoiseSchedule, check_sigmas, sigma_space_to_vp
+
+
+@torch.no_grad()
+def best_of_n(
+    denoiser: Denoiser,
+    cond: Conditioning,
+    x_starts: torch.Tensor,
+    sigmas: torch.Tensor,
+    schedule: NoiseSchedule,
+    scorer,
+    decode: Decoder,
+    prompts: Sequence[str] | str | None,
+    n: int,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    callback: StepCallback | None = None,
+    cancel: CancelFn | None = None,
+) -> ResampleResult:
+    """`x_starts`: [n*B, ...] starting points in sigma space (row j*B + b is sample j of prompt b)."""
+    if n < 1:
+        raise ConfigError(f"n must be at least 1, got {n}")
+    b = cond.batch_size
+    if x_starts.shape[0] != n * b:
+        raise ConfigError(f"x_starts has {x_starts.shape[0]} rows; expected n * batch = {n * b}")
+    sig = check_sigmas(sigmas)
+    prompt_list = _check_scorer(scorer, prompts, b)
+    counter = denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)
+    start_rows, start_calls = counter.rows, counter.calls
+    out = sample_ancestral(counter, repeat_cond(cond, n), x_starts, sig, eta=eta, generator=generator, seed=seed,
+                           callback=callback, cancel=cancel)
+    final_sigma = float(sig[-1])
+    images = decode(sigma_space_to_vp(out.x, final_sigma) if final_sigma > 0 else out.x)
+    prompts_n = [prompt_list[r % b] for r in range(n * b)] if prompt_list is not None else None
+    scores = scorer.score(images, prompts_n, torch.zeros(n * b)).detach().float().cpu().reshape(n, b)
+    chosen = scores.argmax(0)
+    x = out.x.reshape(n, b, *out.x.shape[1:])[chosen, torch.arange(b)]
+    record = StepRecord(len(sig) - 2, float(sig[-2]), final_sigma, 0.0, pooled=True, t_scored=0.0,
+                        scores=scores, chosen=chosen, steps=len(sig) - 1)
+    return ResampleResult(x, counter.rows - start_rows, counter.calls - start_calls, len(sig) - 1, [record])

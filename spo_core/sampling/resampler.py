@@ -1,0 +1,303 @@
+"""The per-step resampler: k candidates from the same x_t at each step, scored, one kept.
+
+At a pool step the parent's x0 prediction gives one shared mean; k candidates draw their own
+noise (k-major rows), one batched denoiser call at the next sigma gives every candidate's x0,
+those are decoded and scored (step-aware scorers get the candidates' timestep), and a policy
+keeps one candidate per prompt. The kept candidate's x0 is the next step's evaluation, so a
+pool step costs k denoiser evaluations, not k+1.
+
+Policies: `greedy` (argmax: an SVDD-PM-style search), `softmax` (multinomial over
+softmax(scores / temperature): Feynman-Kac-style steering), `random` (SPO's continuation) and
+`pairs` (random continuation, and the best/worst candidates recorded as a training pair when
+their 2-way softmax gap exceeds the threshold, as SPO's compare function does).
+`inner_steps` = j gives SDXL's multi-step SPO: each candidate is denoised j more steps before
+it is scored, and every transition of the winning and losing chains becomes a pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..errors import Cancelled, ConfigError
+from ..progress import CancelFn
+from .denoiser import Conditioning, CountingDenoiser, Decoder, Denoiser, call_denoiser, repeat_cond
+from .samplers import StepCallback, StepInfo, make_generator, randn_like
+from .schedule import NoiseSchedule, check_sigmas, sigma_space_to_vp
+from .step import ancestral_mean, ancestral_sigmas
+
+POLICIES = ("greedy", "random", "softmax", "pairs")
+
+# SPO's first trained transition starts at t = 751 (divert_start_step = 4 of 20 leading DDIM steps);
+# the paper calls the range "t <= 750".
+SPO_WINDOW = (0.0, 751.0)
+
+
+@dataclass
+class ResamplerConfig:
+    k: int = 4
+    policy: str = "greedy"
+    eta: float = 1.0
+    temperature: float = 1.0  # softmax policy
+    window: tuple[float, float] = SPO_WINDOW  # parent DDPM timesteps (inclusive) where pools are drawn
+    score_every: int = 1  # draw a pool at every n-th step inside the window
+    inner_steps: int = 0  # SDXL multi-step SPO: j steps per candidate before scoring
+    threshold: float = 0.3  # pairs: keep a pair when p_win - p_lose > threshold (0.3 SD1.5, 0.4 SDXL)
+    final_decode: bool = True  # last step ending at sigma > 0: score the candidates themselves at t=0 (SPO)
+    keep_images: bool = False  # keep the candidates' decoded x0 in the trace (for the grid)
+    image_size: int = 96  # thumbnail size kept per candidate
+
+    def validate(self, sigmas: torch.Tensor, schedule: NoiseSchedule) -> None:
+        if self.k < 1:
+            raise ConfigError(f"k must be at least 1, got {self.k}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.eta < 0:
+            raise ConfigError(f"eta must be >= 0, got {self.eta}")
+        if self.eta == 0 and self.k > 1:
+            raise ConfigError(
+                "eta = 0 makes every step deterministic, so the k candidates of a pool would be identical; "
+                "use eta > 0 (SPO uses 1.0) or k = 1"
+            )
+        if self.score_every < 1 or self.inner_steps < 0:
+            raise ConfigError("score_every must be >= 1 and inner_steps >= 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.threshold < 1:
+            raise ConfigError(f"threshold must be in [0, 1), got {self.threshold}")
+        lo, hi = self.window
+        if lo > hi:
+            raise ConfigError(f"step window {self.window}: the lower bound is above the upper bound")
+        if self.k > 1:
+            ts = [round(float(schedule.timestep(s)), 2) for s in sigmas[:-1] if float(s) > 0]
+            nexts = sigmas[1:]
+            if not any(lo <= t <= hi and float(n) > 0 for t, n in zip(ts, nexts)):
+                raise ConfigError(
+                    f"step window t in [{lo:g}, {hi:g}] contains no step of this schedule "
+                    f"(its steps start at t = {', '.join(f'{t:g}' for t in ts[:25])}); widen the window"
+                )
+
+
+@dataclass
+class StepRecord:
+    i: int
+    sigma: float
+    sigma_next: float
+    t: float  # parent timestep
+    pooled: bool
+    t_scored: float | None = None
+    scores: torch.Tensor | None = None  # [k, B], CPU
+    chosen: torch.Tensor | None = None  # [B]
+    images: torch.Tensor | None = None  # [k, B, 3, h, w] uint8 thumbnails (keep_images)
+    steps: int = 1  # transitions covered (1 + inner_steps for multi-step segments)
+
+
+@dataclass
+class TransitionPair:
+    """A (win, lose) pair of transitions from one pool, with everything needed to recompute
+    their log-probabilities under the policy and the reference."""
+
+    x_t: torch.Tensor  # parent of the winner [C, h, w]
+    x_t_lose: torch.Tensor  # parent of the loser (differs from x_t only inside multi-step segments)
+    x_win: torch.Tensor
+    x_lose: torch.Tensor
+    sigma: float
+    sigma_next: float
+    t: float  # parent DDPM timestep
+    score_win: float
+    score_lose: float
+    row: int  # conditioning row (prompt index)
+    eta: float
+
+    @property
+    def shared_parent(self) -> bool:
+        return self.x_t is self.x_t_lose or torch.equal(self.x_t, self.x_t_lose)
+
+
+@dataclass
+class ResampleResult:
+    x: torch.Tensor  # final sample in sigma space at sigmas[-1]
+    evaluations: int
+    calls: int
+    steps: int
+    trace: list[StepRecord] = field(default_factory=list)
+    pairs: list[TransitionPair] = field(default_factory=list)
+
+    @property
+    def pooled_steps(self) -> int:
+        return sum(r.steps for r in self.trace if r.pooled)
+
+    @property
+    def evaluations_per_step(self) -> float:
+        return self.evaluations / max(self.steps, 1)
+
+
+def _select(scores: torch.Tensor, policy: str, temperature: float, g: torch.Generator) -> torch.Tensor:
+    k, b = scores.shape
+    if policy == "greedy":
+        return scores.argmax(0)
+    if policy in ("random", "pairs"):
+        return torch.randint(k, (b,), generator=g)
+    probs = torch.softmax(scores.double() / temperature, dim=0).T  # [B, k]
+    return torch.multinomial(probs, 1, generator=g).squeeze(1)
+
+
+def _check_scorer(scorer, prompts: Sequence[str] | None, batch: int) -> list[str] | None:
+    if scorer is None:
+        raise ConfigError("the resampler needs a scorer when k > 1")
+    if getattr(scorer, "needs_prompt", True):
+        if not prompts:
+            raise ConfigError(f"scorer {getattr(scorer, 'name', type(scorer).__name__)!r} needs the prompt text, but no prompt was given")
+    if prompts is None:
+        return None
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(prompts) == 1 and batch > 1:
+        prompts = prompts * batch
+    if len(prompts) != batch:
+        raise ConfigError(f"{len(prompts)} prompts for a batch of {batch}")
+    return prompts
+
+
+def _thumbs(images: torch.Tensor, size: int) -> torch.Tensor:
+    images = images.detach().float().clamp(0, 1)
+    h, w = images.shape[-2:]
+    if max(h, w) > size:
+        scale = size / max(h, w)
+        images = torch.nn.functional.interpolate(images, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
+    return (images * 255).round().to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def resample(
+    denoiser: Denoiser,
+    cond: Conditioning,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    schedule: NoiseSchedule,
+    scorer,
+    decode: Decoder,
+    prompts: Sequence[str] | str | None,
+    config: ResamplerConfig | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    callback: StepCallback | None = None,
+    cancel: CancelFn | None = None,
+) -> ResampleResult:
+    """Sample from x (sigma space, at sigmas[0]) with per-step candidate pools (see module docstring).
+
+    `scorer` follows the spo_core.scorers protocol (`score(images, prompts, timesteps)`,
+    `needs_prompt`); `decode` maps x0 latents to images in [0,1]. Returns the final sample, the
+    per-step trace, the pairs (policy "pairs") and the evaluation count in denoiser rows.
+    """
+    cfg = config or ResamplerConfig()
+    sig = check_sigmas(sigmas)
+    cfg.validate(sig, schedule)
+    b = x.shape[0]
+    if cond.batch_size != b:
+        raise ConfigError(f"conditioning has {cond.batch_size} rows but the batch has {b}")
+    pooling = cfg.k > 1
+    prompt_list = _check_scorer(scorer, prompts, b) if pooling else None
+    counter = denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)
+    start_rows, start_calls = counter.rows, counter.calls
+    g = make_generator(generator, seed)
+    k = cfg.k
+    cond_k = repeat_cond(cond, k) if pooling else None
+    prompts_k = [prompt_list[r % b] for r in range(k * b)] if prompt_list is not None else None
+    n = len(sig) - 1
+    lo, hi = cfg.window
+    trace: list[StepRecord] = []
+    pairs: list[TransitionPair] = []
+    x0 = None
+    pool_count = 0
+    i = 0
+    while i < n:
+        if cancel is not None and cancel():
+            raise Cancelled("sampling was cancelled")
+        s, s_next = float(sig[i]), float(sig[i + 1])
+        t = float(schedule.timestep(s))
+        if x0 is None:
+            x0 = call_denoiser(counter, x, s, cond)
+        in_window = pooling and lo <= t <= hi and s_next > 0
+        pool_now = in_window and pool_count % cfg.score_every == 0
+        if in_window:
+            pool_count += 1
+        down, up = ancestral_sigmas(s, s_next, cfg.eta)
+        mean = ancestral_mean(x, x0, s, down)
+        if not pool_now:
+            x = mean + float(up) * randn_like(x.shape, g, x) if float(up) > 0 else mean
+            parent_x0, x0 = x0, None
+            trace.append(StepRecord(i, s, s_next, t, pooled=False))
+            if callback is not None:
+                callback(StepInfo(i, n, x, parent_x0, s, s_next))
+            i += 1
+            continue
+
+        # --- a pool: k candidates from the shared mean ---------------------------------
+        z = randn_like((k, *x.shape), g, x)
+        cand = (mean.unsqueeze(0) + float(up) * z).reshape(k * b, *x.shape[1:])
+        parents = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+        chain = [(parents, cand, s, s_next, float(up))]  # transitions of every candidate's chain
+        j = min(cfg.inner_steps, n - i - 1)
+        cur, cur_sigma, cur_x0 = cand, s_next, None
+        for step in range(j):
+            nxt_sigma = float(sig[i + 2 + step])
+            cur_x0 = call_denoiser(counter, cur, cur_sigma, cond_k)
+            d2, u2 = ancestral_sigmas(cur_sigma, nxt_sigma, cfg.eta)
+            m2 = ancestral_mean(cur, cur_x0, cur_sigma, d2)
+            nxt = m2 + float(u2) * randn_like(cur.shape, g, cur) if float(u2) > 0 else m2
+            chain.append((cur, nxt, cur_sigma, nxt_sigma, float(u2)))
+            cur, cur_sigma, cur_x0 = nxt, nxt_sigma, None
+        end_index = i + 1 + j
+        last = end_index == n
+        if cur_sigma == 0:
+            images, t_scored, cur_x0 = decode(cur), 0.0, None
+        elif last and cfg.final_decode:
+            images, t_scored, cur_x0 = decode(sigma_space_to_vp(cur, cur_sigma)), 0.0, None
+        else:
+            cur_x0 = call_denoiser(counter, cur, cur_sigma, cond_k)
+            images, t_scored = decode(cur_x0), round(float(schedule.timestep(cur_sigma)), 4)
+        timesteps = torch.full((k * b,), t_scored)
+        scores = scorer.score(images, prompts_k, timesteps).detach().float().cpu().reshape(k, b)
+        chosen = _select(scores, cfg.policy, cfg.temperature, g)
+        rows = torch.arange(b)
+        if cfg.policy == "pairs":
+            pairs.extend(_pairs(chain, scores, cfg, k, b, schedule))
+        x = cur.reshape(k, b, *x.shape[1:])[chosen, rows]
+        x0 = cur_x0.reshape(k, b, *x.shape[1:])[chosen, rows] if cur_x0 is not None else None
+        record = StepRecord(i, s, s_next, t, pooled=True, t_scored=t_scored, scores=scores, chosen=chosen, steps=1 + j)
+        if cfg.keep_images:
+            thumbs = _thumbs(images, cfg.image_size)
+            record.images = thumbs.reshape(k, b, *thumbs.shape[1:])
+        trace.append(record)
+        if callback is not None:
+            callback(StepInfo(end_index - 1, n, x, mean if x0 is None else x0, s, float(sig[end_index]), scores, chosen))
+        i = end_index
+    return ResampleResult(x, counter.rows - start_rows, counter.calls - start_calls, n, trace, pairs)
+
+
+def _pairs(chain, scores: torch.Tensor, cfg: ResamplerConfig, k: int, b: int, schedule: NoiseSchedule) -> list[TransitionPair]:
+    """Best and worst candidates of each prompt as pairs of transitions, if their softmax gap passes the threshold."""
+    out = []
+    best, worst = scores.argmax(0), scores.argmin(0)
+    for r in range(b):
+        w, l_ = int(best[r]), int(worst[r])
+        if w == l_:
+            continue
+        sw, sl = float(scores[w, r]), float(scores[l_, r])
+        p = torch.softmax(torch.tensor([sw, sl], dtype=torch.float64), 0)
+        if float(p[0] - p[1]) <= cfg.threshold:
+            continue
+        for parents, children, s, s_next, up in chain:
+            if up <= 0:
+                continue  # deterministic transition: no density
+            shape = children.shape[1:]
+            par = parents.reshape(k, b, *shape)
+            ch = children.reshape(k, b, *shape)
+            out.append(TransitionPair(
+                x_t=par[w, r].detach().clone(), x_t_lose=par[l_, r].detach().clone(), x_win=ch[w, r].detach().clone(),
+                x_lose=ch[l_, r].detach().clone(), sigma=s, sigma_next=s_next,
+                t=float(schedule.timestep(s)), score_win=sw, score_lose=sl, row=r, eta=cfg.eta,
+            ))
+    return out

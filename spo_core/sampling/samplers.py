@@ -1,0 +1,118 @@
+"""Plain stochastic sampling (DDIM(eta) = Euler-ancestral in sigma space), the baseline of the resampler.
+
+Noise comes from a torch.Generator the caller owns or that is seeded here (drawn on the CPU
+and moved, so a seed gives the same image on any device): one standard-normal draw of x's
+shape per step, in step order. With `record=True` every transition is kept with its
+log-probability under the sampling policy (DDPO needs them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError
+from ..progress import CancelFn
+from .denoiser import Conditioning, CountingDenoiser, Denoiser, call_denoiser
+from .schedule import NoiseSchedule, check_sigmas
+from .step import ancestral_mean, ancestral_sigmas, transition_log_prob
+
+
+@dataclass
+class StepInfo:
+    """What a per-step callback gets (hosts turn it into previews and progress)."""
+
+    i: int
+    total: int
+    x: torch.Tensor  # the new sample, at sigma_next
+    x0: torch.Tensor  # the parent's x0 prediction (ComfyUI's 'denoised')
+    sigma: float
+    sigma_next: float
+    scores: torch.Tensor | None = None  # [k, B] when a pool was scored at this step
+    chosen: torch.Tensor | None = None  # [B]
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
+@dataclass
+class Transition:
+    """One sampled transition x -> x_next (batched rows), for policy-gradient training."""
+
+    x: torch.Tensor
+    x_next: torch.Tensor
+    sigma: float
+    sigma_next: float
+    t: float
+    log_prob: torch.Tensor  # [B] mean over elements, under the policy that sampled
+
+
+@dataclass
+class SampleResult:
+    x: torch.Tensor  # final sample in sigma space, at sigmas[-1]
+    evaluations: int  # denoiser rows
+    calls: int
+    steps: int
+    transitions: list[Transition] = field(default_factory=list)
+
+    @property
+    def evaluations_per_step(self) -> float:
+        return self.evaluations / max(self.steps, 1)
+
+
+def make_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator:
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(0 if seed is None else int(seed))
+
+
+def randn_like(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard-normal noise drawn on the CPU from `generator`, then moved to like's device/dtype."""
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def sample_ancestral(
+    denoiser: Denoiser,
+    cond: Conditioning,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    schedule: NoiseSchedule | None = None,
+    record: bool = False,
+    callback: StepCallback | None = None,
+    cancel: CancelFn | None = None,
+) -> SampleResult:
+    """Sample from x (sigma space, at sigmas[0]) down to sigmas[-1] with DDIM(eta) steps."""
+    if eta < 0:
+        raise ConfigError(f"eta must be >= 0, got {eta}")
+    sig = check_sigmas(sigmas)
+    counter = denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)
+    start_rows, start_calls = counter.rows, counter.calls
+    g = make_generator(generator, seed)
+    transitions: list[Transition] = []
+    n = len(sig) - 1
+    for i in range(n):
+        if cancel is not None and cancel():
+            from ..errors import Cancelled
+
+            raise Cancelled("sampling was cancelled")
+        s, s_next = float(sig[i]), float(sig[i + 1])
+        x0 = call_denoiser(counter, x, s, cond)
+        down, up = ancestral_sigmas(s, s_next, eta)
+        mean = ancestral_mean(x, x0, s, down)
+        if float(up) > 0:
+            x_next = mean + float(up) * randn_like(x.shape, g, x)
+        else:
+            x_next = mean
+        if record and float(up) > 0:
+            t = float(schedule.timestep(s)) if schedule is not None else float("nan")
+            transitions.append(Transition(x, x_next, s, s_next, t, transition_log_prob(x_next, mean, float(up))))
+        x = x_next
+        if callback is not None:
+            callback(StepInfo(i, n, x, x0, s, s_next))
+    return SampleResult(x, counter.rows - start_rows, counter.calls - start_calls, n, transitions)
