@@ -1,0 +1,348 @@
+"""Contract tests of the ComfyUI nodes against a stand-in `comfy` (runs everywhere, no ComfyUI).
+
+Every node is checked in both forms the pack registers: V3 (`comfy_api.latest` present) and
+classic V1 (absent). The stand-in records what the nodes hand to ComfyUI, so these tests see
+the calls into `spo_core` and into ComfyUI's patching. The real ComfyUI is exercised by
+tests/test_comfyui_integration.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from comfy_support import fakes  # noqa: E402
+from comfy_support.stub_env import stub_pack  # noqa: E402
+from spo_core.errors import ConfigError, FileMissingError, LoRAFormatError, ModelMismatchError  # noqa: E402
+from spo_core.lora import load_table, read_lora  # noqa: E402
+
+EXPECTED = {
+    "SPOLoadLoRA": ("Load SPO LoRA", ["MODEL", "CLIP", "STRING"]),
+    "SPOLoadLoRAFromCheckpoint": ("Load SPO LoRA from Fine-tuned Checkpoint", ["MODEL", "CLIP", "STRING"]),
+    "SPOSaveConvertLoRA": ("Save / Convert SPO LoRA", ["STRING", "STRING"]),
+    "SPOExtractLoRAFromModels": ("Extract LoRA (from two models)", ["STRING", "STRING"]),
+    "SPOExtractLoRAFromFiles": ("Extract LoRA (from checkpoint files)", ["STRING", "STRING"]),
+}
+
+
+@pytest.fixture(params=["v3", "v1"])
+def pack(request, tmp_path):
+    with stub_pack(tmp_path, request.param) as p:
+        import comfy.sd
+        import comfy.utils
+
+        comfy.sd.CALLS.clear()
+        comfy.sd.NOT_LOADED.clear()
+        comfy.utils.UPDATES.clear()
+        for folder in ("loras", "checkpoints", "diffusion_models"):
+            (tmp_path / "models" / folder).mkdir(parents=True)
+        yield p
+
+
+# -- LoRA files as other tools write them (keys written out here, not by our writer) --------------
+
+
+def _factors(shape, rank, g):
+    out_f = shape[0]
+    in_f = 1
+    for d in shape[1:]:
+        in_f *= d
+    return torch.randn(rank, in_f, generator=g) * 0.1, torch.randn(out_f, rank, generator=g) * 0.1
+
+
+def spo_diffusers_lora(path: Path, unet_mods, te_mods=(), rank: int = 2, seed: int = 0) -> Path:
+    """The layout of SPO's released *_lora_diffusers.safetensors: unet.<path>.lora.down/up.weight."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for m in unet_mods:
+        down, up = _factors(m.shape, rank, g)
+        sd[f"unet.{m.name}.lora.down.weight"] = down
+        sd[f"unet.{m.name}.lora.up.weight"] = up
+    for m in te_mods:
+        prefix = "text_encoder" if m.component == "te1" else "text_encoder_2"
+        down, up = _factors(m.shape, rank, g)
+        sd[f"{prefix}.{m.name}.lora_linear_layer.down.weight"] = down
+        sd[f"{prefix}.{m.name}.lora_linear_layer.up.weight"] = up
+    save_file(sd, str(path))
+    return path
+
+
+def kohya_lora(path: Path, arch: str, unet_mods, te_mods=(), rank: int = 2, alpha: float = 1.0, seed: int = 0,
+               extra: dict | None = None) -> Path:
+    """kohya sd-scripts layout: lora_unet_<diffusers path> (SD1) / <LDM path> (SDXL), lora_te*_, alpha."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for m in list(unet_mods) + list(te_mods):
+        if m.component == "unet":
+            name = "lora_unet_" + (m.ldm if arch == "sdxl" else m.name).replace(".", "_")
+        else:
+            head = "lora_te_" if arch == "sd15" else ("lora_te1_" if m.component == "te1" else "lora_te2_")
+            name = head + m.name.replace(".", "_")
+        down, up = _factors(m.shape, rank, g)
+        sd[name + ".lora_down.weight"] = down
+        sd[name + ".lora_up.weight"] = up
+        sd[name + ".alpha"] = torch.tensor(alpha)
+    sd.update(extra or {})
+    save_file(sd, str(path))
+    return path
+
+
+# -- registration ------------------------------------------------------------------------------
+
+
+def test_every_node_is_registered_with_its_sockets(pack):
+    assert set(EXPECTED) <= set(pack.nodes)
+    names = pack.module.NODE_DISPLAY_NAME_MAPPINGS
+    for node_id, (display, outputs) in EXPECTED.items():
+        cls = pack.nodes[node_id]
+        assert names[node_id] == display
+        if pack.form == "v3":
+            import comfy_api.latest
+
+            assert issubclass(cls, comfy_api.latest.io.ComfyNode)
+            schema = cls.define_schema()
+            assert schema.category == "SPO" and schema.node_id == node_id
+            assert [o.io_type for o in schema.outputs] == outputs
+        else:
+            assert cls.CATEGORY == "SPO"
+            assert list(cls.RETURN_TYPES) == outputs
+            assert hasattr(cls, cls.FUNCTION)
+    types = pack.nodes["SPOLoadLoRA"].INPUT_TYPES()
+    assert types["required"]["model"][0] == "MODEL"
+    assert types["optional"]["clip"][0] == "CLIP"
+    assert types["required"]["strength_model"][0] == "FLOAT"
+    assert types["required"]["strength_model"][1]["default"] == 1.0
+    assert types["required"]["allow_partial"][0] == "BOOLEAN"
+    assert isinstance(types["required"]["lora_name"][0], list)
+    assert "hidden" not in types
+    assert pack.nodes["SPOExtractLoRAFromFiles"].INPUT_TYPES()["hidden"] == {"unique_id": ("UNIQUE_ID",)}
+
+
+def test_combo_lists_files_of_the_loras_folder(pack):
+    (pack.base / "models" / "loras" / "sub").mkdir()
+    kohya_lora(pack.base / "models" / "loras" / "sub" / "a.safetensors", "sd15", fakes.unet_modules("sd15", limit=1))
+    options = pack.nodes["SPOLoadLoRA"].INPUT_TYPES()["required"]["lora_name"][0]
+    assert "sub/a.safetensors" in options
+
+
+# -- Load SPO LoRA ----------------------------------------------------------------------------
+
+
+def test_spo_diffusers_lora_is_converted_and_every_module_patched(pack):
+    unet = fakes.unet_modules("sdxl", block="down_blocks.1.attentions.0")
+    te = fakes.te_modules("sdxl")
+    spo_diffusers_lora(pack.base / "models" / "loras" / "spo.safetensors", unet, te)
+    model, clip = fakes.fake_model("sdxl", unet), fakes.fake_clip("sdxl", te)
+    (new_model, new_clip, text), ui = pack.run("SPOLoadLoRA", model=model, lora_name="spo.safetensors",
+                                               strength_model=0.8, strength_clip=0.5, allow_partial=False, clip=clip)
+    import comfy.sd
+
+    call = comfy.sd.CALLS[-1]
+    assert call["strength_model"] == 0.8 and call["strength_clip"] == 0.5
+    assert comfy.sd.NOT_LOADED == []  # every key handed to ComfyUI was taken
+    assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in call["lora"])  # converted to kohya
+    assert len(new_model.patches) == len(unet) and set(new_model.patches) == set(model.model.state_dict())
+    assert len(new_clip.patcher.patches) == len(te)
+    assert "sdxl" in text and "diffusers" in text and f"applied {len(unet)} UNet modules" in text
+    assert ui == {"text": [text]}
+    assert model.patches == {}  # the input MODEL is not changed (ComfyUI clones)
+
+
+def test_sd15_kohya_lora_without_clip_patches_unet_and_says_so(pack):
+    unet = fakes.unet_modules("sd15", block="down_blocks.0")
+    te = fakes.te_modules("sd15")
+    kohya_lora(pack.base / "models" / "loras" / "k.safetensors", "sd15", unet, te, alpha=1.0)
+    model = fakes.fake_model("sd15", unet)
+    (new_model, new_clip, text), _ = pack.run("SPOLoadLoRA", model=model, lora_name="k.safetensors",
+                                              strength_model=1.0, strength_clip=1.0, allow_partial=False)
+    import comfy.sd
+
+    assert new_clip is None
+    assert len(new_model.patches) == len(unet) and comfy.sd.NOT_LOADED == []
+    assert not any(k.startswith("lora_te") for k in comfy.sd.CALLS[-1]["lora"])
+    assert f"{len(te)} text-encoder modules not applied: no CLIP is connected" in text
+    # kohya alpha kept: ComfyUI scales by alpha / rank
+    alphas = {float(v) for k, v in comfy.sd.CALLS[-1]["lora"].items() if k.endswith(".alpha")}
+    assert alphas == {1.0}
+
+
+def test_sdxl_lora_on_sd15_model_is_refused_before_patching(pack):
+    kohya_lora(pack.base / "models" / "loras" / "xl.safetensors", "sdxl", fakes.unet_modules("sdxl", limit=40))
+    model = fakes.fake_model("sd15", fakes.unet_modules("sd15", limit=40))
+    with pytest.raises(ModelMismatchError, match="made for sdxl but the model is sd15"):
+        pack.run("SPOLoadLoRA", model=model, lora_name="xl.safetensors", strength_model=1.0, strength_clip=1.0,
+                 allow_partial=True)
+    import comfy.sd
+
+    assert comfy.sd.CALLS == []
+
+
+def test_partial_match_is_refused_unless_allowed(pack):
+    unet = fakes.unet_modules("sd15", block="down_blocks.0")
+    extra = {"lora_unet_not_a_module.lora_down.weight": torch.zeros(2, 4), "lora_unet_not_a_module.lora_up.weight": torch.zeros(4, 2)}
+    kohya_lora(pack.base / "models" / "loras" / "p.safetensors", "sd15", unet, extra=extra)
+    model = fakes.fake_model("sd15", unet)
+    kwargs = dict(model=model, lora_name="p.safetensors", strength_model=1.0, strength_clip=1.0)
+    with pytest.raises(LoRAFormatError, match="partial match"):
+        pack.run("SPOLoadLoRA", allow_partial=False, **kwargs)
+    (new_model, _, text), _ = pack.run("SPOLoadLoRA", allow_partial=True, **kwargs)
+    assert len(new_model.patches) == len(unet)
+    assert "partial match allowed: 2 keys" in text
+
+
+def test_module_missing_from_the_model_stops_the_load(pack):
+    unet = fakes.unet_modules("sd15", block="down_blocks.0")
+    kohya_lora(pack.base / "models" / "loras" / "m.safetensors", "sd15", unet)
+    model = fakes.fake_model("sd15", unet[:-3])  # a model without three of the LoRA's layers
+    with pytest.raises(ModelMismatchError, match="3 modules of this LoRA do not exist"):
+        pack.run("SPOLoadLoRA", model=model, lora_name="m.safetensors", strength_model=1.0, strength_clip=1.0,
+                 allow_partial=False)
+    import comfy.sd
+
+    assert comfy.sd.CALLS == []
+
+
+def test_missing_lora_file_names_the_folder(pack):
+    model = fakes.fake_model("sd15", fakes.unet_modules("sd15", limit=2))
+    with pytest.raises(FileMissingError, match="'gone.safetensors' was not found in .*loras"):
+        pack.run("SPOLoadLoRA", model=model, lora_name="gone.safetensors", strength_model=1.0, strength_clip=1.0,
+                 allow_partial=False)
+
+
+def test_both_strengths_zero_applies_nothing(pack):
+    unet = fakes.unet_modules("sd15", limit=4)
+    kohya_lora(pack.base / "models" / "loras" / "z.safetensors", "sd15", unet)
+    model = fakes.fake_model("sd15", unet)
+    (new_model, _, text), _ = pack.run("SPOLoadLoRA", model=model, lora_name="z.safetensors", strength_model=0.0,
+                                       strength_clip=0.0, allow_partial=False)
+    assert new_model is model and "nothing applied" in text
+
+
+def test_lora_file_is_read_once_until_it_changes(pack, monkeypatch):
+    unet = fakes.unet_modules("sd15", limit=4)
+    path = kohya_lora(pack.base / "models" / "loras" / "c.safetensors", "sd15", unet)
+    bridge = sys.modules[pack.module.__name__ + ".nodes.lora_bridge"]
+    calls = []
+    real = bridge.read_lora
+    monkeypatch.setattr(bridge, "read_lora", lambda p: calls.append(p) or real(p))
+    model = fakes.fake_model("sd15", unet)
+    kw = dict(model=model, lora_name="c.safetensors", strength_model=1.0, strength_clip=1.0, allow_partial=False)
+    pack.run("SPOLoadLoRA", **kw)
+    pack.run("SPOLoadLoRA", **kw)
+    assert len(calls) == 1
+    kohya_lora(path, "sd15", unet, seed=5)  # rewritten: read again
+    import os
+
+    os.utime(path, ns=(1, 10**18))
+    pack.run("SPOLoadLoRA", **kw)
+    assert len(calls) == 2
+
+
+# -- Save / Convert -----------------------------------------------------------------------------
+
+
+def test_convert_writes_webui_file_into_output_loras(pack):
+    unet = fakes.unet_modules("sdxl", block="down_blocks.1.attentions.0")
+    src = spo_diffusers_lora(pack.base / "models" / "loras" / "spo.safetensors", unet)
+    (path, text), ui = pack.run("SPOSaveConvertLoRA", lora_name="spo.safetensors", format="webui", dtype="fp16",
+                                output_name="converted/spo_webui", allow_partial=False, overwrite=False)
+    assert Path(path) == pack.base / "output" / "loras" / "converted" / "spo_webui.safetensors"
+    out = read_lora(path)
+    ref = read_lora(src)
+    assert out.source_format == "kohya-ldm" and out.arch == "sdxl"
+    assert set(out.modules) == set(ref.modules)
+    for k, m in ref.modules.items():
+        assert torch.allclose(out.modules[k].delta(), m.delta(), atol=2e-3)
+    # a second run does not overwrite: a counter is added
+    (path2, _), _ = pack.run("SPOSaveConvertLoRA", lora_name="spo.safetensors", format="webui", dtype="keep",
+                             output_name="converted/spo_webui", allow_partial=False, overwrite=False)
+    assert Path(path2).name == "spo_webui_00001.safetensors"
+
+
+def test_convert_refuses_a_name_outside_output(pack):
+    kohya_lora(pack.base / "models" / "loras" / "a.safetensors", "sd15", fakes.unet_modules("sd15", limit=2))
+    with pytest.raises(ConfigError, match="not a valid file name"):
+        pack.run("SPOSaveConvertLoRA", lora_name="a.safetensors", format="webui", dtype="keep",
+                 output_name="../../escape", allow_partial=False, overwrite=False)
+
+
+# -- Extract ------------------------------------------------------------------------------------
+
+
+def _checkpoint_pair(base: Path, arch: str, mods, rank: int, seed: int = 0):
+    """Single-file checkpoints (model.diffusion_model.* keys) that differ by an exact rank-`rank` delta."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = {}, {}
+    probe = load_table(arch).get("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k")
+    a[f"model.diffusion_model.{probe.ldm}.weight"] = b[f"model.diffusion_model.{probe.ldm}.weight"] = torch.zeros(probe.shape)
+    for m in mods:
+        w = torch.randn(m.shape, generator=g) * 0.02
+        down, up = _factors(m.shape, rank, g)
+        key = f"model.diffusion_model.{m.ldm}.weight"
+        a[key] = w
+        b[key] = w + (up @ down).reshape(m.shape)
+    save_file(a, str(base / "models" / "checkpoints" / "base.safetensors"))
+    save_file(b, str(base / "models" / "checkpoints" / "tuned.safetensors"))
+
+
+def test_extract_from_checkpoint_files_recovers_the_difference(pack):
+    mods = fakes.unet_modules("sd15", block="down_blocks.0.attentions.0", limit=6)
+    _checkpoint_pair(pack.base, "sd15", mods, rank=3)
+    (path, text), _ = pack.run("SPOExtractLoRAFromFiles", base_checkpoint="base.safetensors",
+                               tuned_checkpoint="tuned.safetensors", rank=3, energy=0.0, output_name="x",
+                               overwrite=False, text_encoders="no")
+    lora = read_lora(path)
+    assert lora.arch == "sd15" and len(lora.modules) == len(mods)
+    assert "retained energy" in text
+    import comfy.utils
+
+    assert comfy.utils.UPDATES and comfy.utils.UPDATES[-1][0] == "7"  # progress on this node's bar
+
+
+def test_load_from_checkpoint_extracts_once_and_applies(pack, monkeypatch):
+    mods = fakes.unet_modules("sd15", block="down_blocks.0.attentions.0", limit=6)
+    _checkpoint_pair(pack.base, "sd15", mods, rank=2)
+    lora_nodes = sys.modules[pack.module.__name__ + ".nodes.lora_nodes"]
+    calls = []
+    real = lora_nodes.extract_lora
+    monkeypatch.setattr(lora_nodes, "extract_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = fakes.fake_model("sd15", mods)
+    kw = dict(model=model, base_checkpoint="base.safetensors", tuned_checkpoint="tuned.safetensors", rank=2,
+              strength_model=1.0, strength_clip=1.0, text_encoders="no")
+    (new_model, _, text), _ = pack.run("SPOLoadLoRAFromCheckpoint", **kw)
+    pack.run("SPOLoadLoRAFromCheckpoint", **kw)
+    assert len(calls) == 1
+    assert len(new_model.patches) == len(mods)
+    with pytest.raises(ConfigError, match="same file"):
+        pack.run("SPOLoadLoRAFromCheckpoint", **{**kw, "tuned_checkpoint": "base.safetensors"})
+
+
+def test_extract_from_two_models_sees_their_lora_patches(pack):
+    """tuned = base + a LoRA applied through ComfyUI's patches: extraction gives that LoRA back."""
+    mods = fakes.unet_modules("sd15", block="down_blocks.0.attentions.0", limit=6)
+    kohya_lora(pack.base / "models" / "loras" / "l.safetensors", "sd15", mods, rank=2, alpha=2.0)
+    base = fakes.fake_model("sd15", mods, device="cpu")
+    (tuned, _, _), _ = pack.run("SPOLoadLoRA", model=base, lora_name="l.safetensors", strength_model=1.0,
+                                strength_clip=0.0, allow_partial=False)
+    (path, _), _ = pack.run("SPOExtractLoRAFromModels", base_model=base, tuned_model=tuned, rank=2, energy=0.0,
+                            output_name="from_models", overwrite=False)
+    got = read_lora(path)
+    ref = read_lora(pack.base / "models" / "loras" / "l.safetensors")
+    assert set(got.modules) == set(ref.modules)
+    for k, m in ref.modules.items():
+        torch.testing.assert_close(got.modules[k].delta(), m.delta(), atol=1e-5, rtol=1e-4)
+
+
+def test_extract_of_identical_models_says_there_is_nothing(pack):
+    mods = fakes.unet_modules("sd15", limit=3)
+    base = fakes.fake_model("sd15", mods, device="cpu")
+    with pytest.raises(ConfigError, match="do not differ"):
+        pack.run("SPOExtractLoRAFromModels", base_model=base, tuned_model=base.clone(), rank=2, energy=0.0,
+                 output_name="none", overwrite=False)
+    assert not (pack.base / "output" / "loras" / "none.safetensors").exists()
