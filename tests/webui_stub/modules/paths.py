@@ -1,0 +1,4 @@
+import os
+
+models_path = os.environ.get("SPO_STUB_MODELS", "/tmp/spo-stub-models")
+script_path = os.environ.get("SPO_STUB_ROOT", "/tmp/spo-stub-webui")
