@@ -1,0 +1,262 @@
+"""A real ComfyUI checkout, loaded in this process, that runs API-format workflows.
+
+Follows ComfyUI's own start-up order (comfyui.md §6.1): CPU flag before model_management,
+the root `utils` package before `nodes`, the built-in extra nodes, then the pack through the
+real `load_custom_node` (which must return True). Workflows run through
+`execution.validate_prompt` and `execution.PromptExecutor`, inside the executor's
+`torch.inference_mode()`, exactly as the server runs them. A progress hook like main.py's
+records progress events and honours interrupts; `interrupt_after` presses Cancel after that
+many progress updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+
+PACK_DIR = Path(__file__).resolve().parents[2]
+
+
+class StubServer:
+    """What PromptExecutor needs from the server."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.messages: list = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+class LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self, level=logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+    def clear(self):
+        self.records.clear()
+
+
+class ComfyHarness:
+    def __init__(self, comfy_path: str, base_dir: Path, device: str = "cpu"):
+        self.comfy_path = str(Path(comfy_path).resolve())
+        self.base = Path(base_dir)
+        self.device = device
+        self.progress: list[tuple] = []
+        self.interrupt_after: int | None = None
+        self.log = LogCapture()
+        self.pack_loaded = False
+
+    # -- start-up ------------------------------------------------------------------------
+    def start(self) -> "ComfyHarness":
+        if self.comfy_path not in sys.path:
+            sys.path.insert(0, self.comfy_path)
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = self.device == "cpu"
+        comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Latent2RGB
+        import utils.extra_config  # noqa: F401 - before `nodes`, or `utils` resolves to comfy/utils.py
+        import folder_paths
+
+        for sub in ("output", "input", "temp"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        folder_paths.set_output_directory(str(self.base / "output"))
+        folder_paths.set_input_directory(str(self.base / "input"))
+        folder_paths.set_temp_directory(str(self.base / "temp"))
+        for folder in ("checkpoints", "loras", "diffusion_models", "vae", "spo_scorers"):
+            (self.base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        for folder in ("checkpoints", "loras", "diffusion_models", "vae"):
+            folder_paths.add_model_folder_path(folder, str(self.base / "models" / folder), is_default=True)
+        folder_paths.add_model_folder_path("loras", str(self.base / "output" / "loras"))
+        folder_paths.models_dir = str(self.base / "models")  # where the pack registers spo_scorers
+
+        logging.getLogger().addHandler(self.log)
+        logging.getLogger().setLevel(logging.INFO)
+        import comfy.utils
+        import nodes
+
+        comfy.utils.set_progress_bar_global_hook(self._hook)
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        self.pack_loaded = asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
+        return self
+
+    def _hook(self, value, total, preview, prompt_id=None, node_id=None):
+        import comfy.model_management
+
+        self.progress.append((node_id, value, total, preview is not None))
+        if self.interrupt_after is not None and len(self.progress) >= self.interrupt_after:
+            self.interrupt_after = None
+            comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    # -- access ----------------------------------------------------------------------------
+    @property
+    def nodes(self):
+        import nodes
+
+        return nodes
+
+    def node_class(self, name: str):
+        return self.nodes.NODE_CLASS_MAPPINGS[name]
+
+    def run(self, prompt: dict, expect_success: bool = True) -> dict:
+        """Validate and execute an API-format workflow; returns {"success", "outputs", "messages", "error"}."""
+        import execution
+
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            raise AssertionError(f"workflow does not validate: {valid[1]} {valid[3]}")
+        server = StubServer()
+        ex = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+        ex.execute(prompt, prompt_id, {}, valid[2])
+        errors = [d for e, d in ex.status_messages if e == "execution_error"]
+        result = {
+            "success": ex.success,
+            "outputs": ex.history_result.get("outputs", {}) if getattr(ex, "history_result", None) else {},
+            "messages": ex.status_messages,
+            "error": errors[0] if errors else None,
+            "executor": ex,
+        }
+        if expect_success and not ex.success:
+            err = result["error"] or {}
+            raise AssertionError(f"workflow failed: {err.get('exception_type')}: {err.get('exception_message')}\n"
+                                 + "".join(err.get("traceback", [])))
+        return result
+
+
+# -- tiny models built in code (no downloads) ---------------------------------------------------
+
+TINY_UNET = {
+    "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": [1, 1], "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1, "context_dim": 32, "num_heads": 2,
+    "use_linear_in_transformer": False, "adm_in_channels": None, "use_spatial_transformer": True, "legacy": False,
+    "in_channels": 4, "out_channels": 4, "image_size": 32, "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+
+def tiny_model(seed: int = 0, sdxl: bool = False):
+    """A ~1 M-parameter SD1.5-class (or SDXL-class) EPS ModelPatcher with random weights."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = dict(TINY_UNET)
+    if sdxl:
+        cfg["adm_in_channels"] = 32 + 6 * 256
+        cfg["num_classes"] = "sequential"
+        model = comfy.supported_models.SDXL(cfg).get_model({})
+    else:
+        model = comfy.supported_models.SD15(cfg).get_model({})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=torch.device("cpu"))
+
+
+def tiny_vae(seed: int = 0):
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    taesd = comfy.taesd.taesd.TAESD()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in taesd.state_dict().items():
+        sd[k] = v if k in ("vae_scale", "vae_shift") else torch.randn(v.shape, generator=g) * 0.05
+    return comfy.sd.VAE(sd=sd)
+
+
+def tiny_cond(batch: int = 1, ctx: int = 32, seed: int = 0, sdxl: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    extras = {"pooled_output": torch.randn(batch, 32, generator=g)} if sdxl else {}
+    return [[torch.randn(batch, 77, ctx, generator=g), extras]]
+
+
+def comfyui_version(comfy_path: str) -> str:
+    ns: dict = {}
+    p = Path(comfy_path) / "comfyui_version.py"
+    if p.is_file():
+        exec(p.read_text(), ns)
+    return ns.get("__version__", "unknown")
+
+
+def env_comfy_path() -> str | None:
+    path = os.environ.get("COMFYUI_PATH")
+    return path if path and (Path(path) / "nodes.py").is_file() else None
+
+
+_STARTED: ComfyHarness | None = None
+
+
+def get_harness(base_dir: Path) -> ComfyHarness:
+    """The one ComfyUI of this test process (ComfyUI's modules are process-global)."""
+    global _STARTED
+    if _STARTED is None:
+        path = env_comfy_path()
+        if path is None:
+            raise RuntimeError("COMFYUI_PATH is not set to a ComfyUI checkout")
+        device = "cuda" if os.environ.get("SPO_TEST_DEVICE") == "cuda" and torch.cuda.is_available() else "cpu"
+        _STARTED = ComfyHarness(path, base_dir, device=device).start()
+    return _STARTED
+
+
+def meta_model_and_clip(arch: str):
+    """Real-size SD1.5 / SDXL UNet and text encoders as ComfyUI builds them, on the meta device.
+
+    ComfyUI picks its own model config from the UNet's shapes (a diffusers UNet of the shipped
+    config, also on meta), so the key maps are ComfyUI's for the real architecture.
+    """
+    import comfy.lora
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+
+    from spo_core.testing import real_unet
+
+    sd = real_unet(arch, device="meta").state_dict()
+    config = comfy.model_detection.model_config_from_unet_config(comfy.model_detection.unet_config_from_diffusers_unet(sd))
+    cpu = torch.device("cpu")
+    with torch.device("meta"):
+        model = config.get_model({})
+        te = comfy.sd1_clip.SD1ClipModel() if arch == "sd15" else comfy.sdxl_clip.SDXLClipModel()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    clip = comfy.sd.CLIP(no_init=True)
+    clip.cond_stage_model = te
+    clip.patcher = comfy.model_patcher.ModelPatcher(te, load_device=cpu, offload_device=cpu)
+    clip.tokenizer = None
+    clip.layer_idx = None
+    clip.tokenizer_options = {}
+    clip.use_clip_schedule = False
+    clip.apply_hooks_to_conds = None
+    return patcher, clip
+
+
+def run_node_class(cls, unique_id: str = "1", **inputs):
+    """Execute a node class as the executor does (inference mode; V3 on a class clone); returns the values."""
+    with torch.inference_mode():
+        if hasattr(cls, "PREPARE_CLASS_CLONE"):
+            out = cls.PREPARE_CLASS_CLONE({"UNIQUE_ID": unique_id}).EXECUTE_NORMALIZED(**inputs)
+            return tuple(out.args)
+        if "unique_id" in cls.INPUT_TYPES().get("hidden", {}):
+            inputs["unique_id"] = unique_id
+        out = getattr(cls(), cls.FUNCTION)(**inputs)
+        return tuple(out["result"]) if isinstance(out, dict) else tuple(out)
