@@ -1,0 +1,378 @@
+"""The trainer's settings: one flat dataclass, presets of the released configs, TOML/JSON files,
+and the mapping to command-line flags (every field is also a `--flag`).
+
+Defaults are SPO's SD1.5 settings where a field has one (20 DDIM steps, eta 1, CFG 5, k 4,
+threshold 0.3, beta 10, clamp 0.1, rank 4, AdamW lr 6e-5, weight decay 1e-4, grad clip 1).
+Method-dependent defaults (beta, learning rate) are filled by `resolved()` when left unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import ConfigError, FileMissingError
+
+METHODS = ("spo", "diffusion_dpo", "ncp_dpo", "ddpo")
+METHOD_ALIASES = {"dpo": "diffusion_dpo", "diffusion-dpo": "diffusion_dpo", "ncp": "ncp_dpo", "ncp-dpo": "ncp_dpo",
+                  "mspo": "spo"}
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def _f(default, help: str, group: str = "general", **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, "group": group, **kw})
+    return field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # -- what and where ---------------------------------------------------------------------
+    method: str = _f("spo", "spo, diffusion_dpo, ncp_dpo or ddpo", choices=METHODS)
+    preset: str | None = _f(None, "preset applied before the other settings: " + "{presets}")
+    output_dir: str = _f("spo_output", "folder for the LoRA, checkpoints, log, curves and validation grids")
+    output_name: str = _f("spo_lora", "file name (without .safetensors) of the trained LoRA")
+    max_steps: int = _f(1000, "optimizer steps to train")
+    seed: int = _f(42, "seed of every random draw (init, sampling, noise, data order)")
+    overwrite: bool = _f(False, "replace an existing output LoRA, log and checkpoints")
+    resume: str | None = _f(None, "'auto' (latest checkpoint in output_dir) or a checkpoint folder")
+    # -- data -------------------------------------------------------------------------------
+    prompts: str | None = _f(None, "prompt file: .txt (one per line), .json list, .jsonl, or SPO's 4k-prompts JSON", "data")
+    prompt_list: list = _f([], "prompts given inline (used when no prompt file)", "data")
+    pairs: str | None = _f(None, "DPO/NCP pairs: a folder, or a JSONL/CSV/parquet of prompt, winner, loser", "data")
+    height: int | None = _f(None, "image height (default: the model's)", "data")
+    width: int | None = _f(None, "image width (default: the model's)", "data")
+    negative_prompt: str = _f("", "negative prompt of CFG", "data")
+    cache_latents: bool = _f(True, "encode the DPO/NCP images once and cache the latents in output_dir", "data")
+    # -- sampling (SPO, DDPO) -------------------------------------------------------------------
+    steps: int = _f(20, "DDIM steps of the sampler", "sampling")
+    eta: float = _f(1.0, "DDIM eta (> 0: SPO and DDPO need stochastic steps)", "sampling")
+    guidance_scale: float = _f(5.0, "CFG scale, in sampling and inside the training forward", "sampling")
+    sample_batch_size: int = _f(2, "prompts per sampling round (per process)", "sampling")
+    k: int = _f(4, "SPO pool size: candidates drawn from each shared x_t", "sampling")
+    inner_steps: int = _f(0, "SPO multi-step (SDXL form): steps each candidate runs before scoring (3 for SDXL)", "sampling")
+    threshold: float = _f(0.3, "SPO: keep a pair when the 2-way softmax gap of its scores exceeds this", "sampling")
+    max_train_t: float = _f(751.0, "SPO: train transitions whose parent timestep is <= this (SPO: 751)", "sampling")
+    min_train_t: float = _f(0.0, "SPO: ... and >= this", "sampling")
+    scorer: str = _f("spm", "scorer name (spm, pickscore, hpsv2, aesthetic, clip, jpeg_compressibility, ...)", "sampling")
+    scorer_path: str | None = _f(None, "scorer weights file or folder", "sampling")
+    scorer_options: dict = _f({}, "extra scorer options (TOML table / JSON object)", "sampling")
+    # -- objective ----------------------------------------------------------------------------
+    beta: float | None = _f(None, "DPO beta (default: SPO 10, Diffusion-DPO and NCP 2500)", "objective")
+    clip_eps: float = _f(0.1, "SPO: clamp of the policy/reference ratio to [1-eps, 1+eps]", "objective")
+    dpo_loss: str = _f("sigmoid", "Diffusion-DPO loss: sigmoid, hinge or ipo", "objective", choices=("sigmoid", "hinge", "ipo"))
+    ncp_variant: str = _f("dpo", "NCP: dpo, cpo (no reference) or sft (winners only)", "objective", choices=("dpo", "cpo", "sft"))
+    ncp_features: str = _f("down", "NCP features: 'down' (last down block) or 'mid' (mid block) of the base UNet", "objective",
+                           choices=("down", "mid"))
+    ddpo_clip_range: float = _f(1e-4, "DDPO: PPO clip range of the importance ratio", "objective")
+    ddpo_adv_clip: float = _f(5.0, "DDPO: advantages are clipped to +-this", "objective")
+    ddpo_buffer_size: int = _f(32, "DDPO: rewards kept per prompt for advantage normalization (0: batch statistics)", "objective")
+    ddpo_min_count: int = _f(16, "DDPO: rewards a prompt needs before its own statistics are used", "objective")
+    ddpo_samples_per_prompt: int = _f(2, "DDPO: images sampled per prompt in a round", "objective")
+    ddpo_timestep_fraction: float = _f(1.0, "DDPO: fraction of each trajectory's steps trained", "objective")
+    # -- LoRA ---------------------------------------------------------------------------------
+    rank: int = _f(4, "LoRA rank", "lora")
+    alpha: float | None = _f(None, "LoRA alpha (default: the rank, scale 1)", "lora")
+    targets: str = _f("attn", "attn (SPO: to_q/k/v/out.0), attn+ff (+ feed-forward, proj), attn+ff+conv (+ resnets, samplers)", "lora")
+    init: str = _f("gaussian", "LoRA init: gaussian (SPO, peft 'gaussian') or kaiming (peft default)", "lora", choices=("gaussian", "kaiming"))
+    init_lora: str | None = _f(None, "start from this LoRA file instead of a fresh init", "lora")
+    # -- optimizer ----------------------------------------------------------------------------
+    learning_rate: float | None = _f(None, "learning rate (default: SPO 6e-5, DPO 1e-5, NCP 5e-6, DDPO 3e-4)", "optimizer")
+    lr_warmup_steps: int = _f(0, "linear warmup steps (then constant)", "optimizer")
+    optimizer: str = _f("adamw", "adamw or adamw8bit (needs bitsandbytes)", "optimizer", choices=("adamw", "adamw8bit"))
+    weight_decay: float = _f(1e-4, "AdamW weight decay", "optimizer")
+    adam_beta1: float = _f(0.9, "AdamW beta1", "optimizer")
+    adam_beta2: float = _f(0.999, "AdamW beta2", "optimizer")
+    adam_eps: float = _f(1e-8, "AdamW epsilon", "optimizer")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)", "optimizer")
+    train_batch_size: int = _f(2, "pairs (DDPO: trajectories) per micro-batch", "optimizer")
+    gradient_accumulation: int = _f(1, "micro-batches per optimizer step", "optimizer")
+    # -- precision and memory ---------------------------------------------------------------------
+    mixed_precision: str = _f("no", "autocast dtype: no, fp16 or bf16 (LoRA weights stay fp32)", "memory", choices=PRECISIONS)
+    gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)", "memory")
+    # -- outputs --------------------------------------------------------------------------------
+    checkpoint_every: int = _f(50, "write a resumable checkpoint every N steps (0: only at the end)", "output")
+    keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted)", "output")
+    lora_format: str = _f("webui", "webui (kohya; loads everywhere), diffusers, or webui+diffusers", "output")
+    save_dtype: str = _f("fp32", "dtype of the saved LoRA: fp32, fp16 or bf16", "output")
+    validate_every: int = _f(0, "validation grid every N steps (0: only at the end; -1: never)", "output")
+    validation_prompts: list = _f([], "validation prompts (default: the first two training prompts)", "output")
+    validation_seeds: list = _f([0], "validation seeds", "output")
+    log_every: int = _f(1, "progress/log line every N steps", "output")
+
+    # -------------------------------------------------------------------------------------------
+    def resolved(self) -> "TrainConfig":
+        """A copy with method aliases and method-dependent defaults filled in, validated."""
+        c = dataclasses.replace(self)
+        c.method = METHOD_ALIASES.get(c.method.lower(), c.method.lower())
+        if c.beta is None:
+            c.beta = 10.0 if c.method == "spo" else 2500.0
+        if c.learning_rate is None:
+            c.learning_rate = {"spo": 6e-5, "diffusion_dpo": 1e-5, "ncp_dpo": 5e-6, "ddpo": 3e-4}.get(c.method, 6e-5)
+        if c.alpha is None:
+            c.alpha = float(c.rank)
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        for name in ("train_batch_size", "gradient_accumulation", "sample_batch_size", "steps", "rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.method in ("spo", "ddpo"):
+            if self.eta <= 0:
+                raise ConfigError(
+                    f"{self.method} needs stochastic sampling (eta > 0; SPO uses 1.0): with eta = 0 the step has no "
+                    "density to train on")
+            if not self.prompts and not self.prompt_list:
+                raise ConfigError(f"{self.method} trains on prompts: give a prompt file (prompts=...) or prompt_list")
+        if self.method == "spo":
+            if self.k < 2:
+                raise ConfigError(f"SPO needs a pool of k >= 2 candidates per step, got k = {self.k}")
+            if not 0 <= self.threshold < 1:
+                raise ConfigError(f"threshold must be in [0, 1), got {self.threshold}")
+            if not 0 < self.clip_eps < 1:
+                raise ConfigError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.method in ("diffusion_dpo", "ncp_dpo") and not self.pairs:
+            raise ConfigError(f"{self.method} trains on preference pairs: give pairs=FOLDER or a JSONL/CSV/parquet file")
+        if self.method == "ddpo":
+            if not 0 < self.ddpo_timestep_fraction <= 1:
+                raise ConfigError("ddpo_timestep_fraction must be in (0, 1]")
+            if self.ddpo_samples_per_prompt < 1:
+                raise ConfigError("ddpo_samples_per_prompt must be >= 1")
+        for fmt in self.lora_formats():
+            if fmt not in ("webui", "diffusers"):
+                raise ConfigError(f"lora_format must be webui, diffusers or webui+diffusers, got {self.lora_format!r}")
+        if self.save_dtype not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.height is not None and self.height <= 0 or self.width is not None and self.width <= 0:
+            raise ConfigError("height and width must be positive")
+
+    def lora_formats(self) -> list[str]:
+        return [f.strip().lower().replace("kohya", "webui") for f in self.lora_format.split("+") if f.strip()]
+
+    # -- serialization ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base: "TrainConfig | None" = None) -> "TrainConfig":
+        """Fields from a mapping (nested tables are flattened; a 'preset' is applied first)."""
+        flat = _flatten(data)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(flat) - names)
+        if unknown:
+            raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
+        cfg = dataclasses.replace(base) if base is not None else cls()
+        preset = flat.get("preset")
+        if preset:
+            cfg = apply_preset(cfg, preset)
+        for k, v in flat.items():
+            setattr(cfg, k, _coerce(cls, k, v))
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, base: "TrainConfig | None" = None) -> "TrainConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise FileMissingError(f"training config not found: {p}")
+        text = p.read_text(encoding="utf-8")
+        try:
+            if p.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import tomllib
+
+                data = tomllib.loads(text)
+        except Exception as exc:  # tomllib.TOMLDecodeError / json.JSONDecodeError
+            raise ConfigError(f"cannot parse {p}: {exc}") from exc
+        return cls.from_dict(data, base)
+
+    def to_toml(self) -> str:
+        """The settings as TOML (None values are left out)."""
+        lines = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            lines.append(f"{f.name} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+
+# -- presets ---------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # RockeyCoss/SPO configs/spo_sd-v1-5_4k-prompts_num-sam-4_10ep_bs10.py (per GPU; 4 GPUs there)
+    "spo-sd15": dict(method="spo", steps=20, eta=1.0, guidance_scale=5.0, k=4, inner_steps=0, threshold=0.3,
+                     beta=10.0, clip_eps=0.1, rank=4, alpha=4.0, targets="attn", init="gaussian", learning_rate=6e-5,
+                     weight_decay=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, max_grad_norm=1.0,
+                     sample_batch_size=10, train_batch_size=10, gradient_accumulation=1, max_train_t=751.0,
+                     seed=42, validation_prompts=["A beautiful lake"]),
+    # configs/spo_sdxl_4k-prompts_num-sam-2_3-is_10ep_bs2_gradacc2.py
+    "spo-sdxl": dict(method="spo", steps=20, eta=1.0, guidance_scale=5.0, k=2, inner_steps=3, threshold=0.4,
+                     beta=10.0, clip_eps=0.1, rank=64, alpha=64.0, targets="attn", init="gaussian", learning_rate=1e-5,
+                     weight_decay=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, max_grad_norm=1.0,
+                     sample_batch_size=2, train_batch_size=2, gradient_accumulation=2, max_train_t=751.0,
+                     seed=42, validation_prompts=["A beautiful lake"]),
+    # diffusers examples/research_projects/diffusion_dpo (LoRA form, beta 2500, rank 8 in its README)
+    "diffusion-dpo": dict(method="diffusion_dpo", beta=2500.0, dpo_loss="sigmoid", rank=8, alpha=8.0, targets="attn",
+                          init="kaiming", learning_rate=1e-5, weight_decay=1e-2, max_grad_norm=1.0, guidance_scale=1.0),
+    # NCP-DPO scripts: LoRA r = alpha = 64 on the attention projections, beta 2500, down-block features at t-1
+    "ncp-dpo": dict(method="ncp_dpo", beta=2500.0, ncp_variant="dpo", ncp_features="down", rank=64, alpha=64.0,
+                    targets="attn", init="kaiming", learning_rate=5e-6, max_grad_norm=1.0),
+    # ddpo-pytorch config/base.py (LoRA rank 4, lr 3e-4, 50 DDIM steps, eta 1, CFG 5, clip 1e-4, adv clip 5)
+    "ddpo": dict(method="ddpo", steps=50, eta=1.0, guidance_scale=5.0, rank=4, alpha=4.0, init="kaiming",
+                 learning_rate=3e-4, weight_decay=1e-4, max_grad_norm=1.0, ddpo_clip_range=1e-4, ddpo_adv_clip=5.0,
+                 ddpo_buffer_size=32, ddpo_min_count=16, scorer="jpeg_compressibility"),
+}
+PRESET_ALIASES = {"sd15": "spo-sd15", "sd1.5": "spo-sd15", "spo": "spo-sd15", "sdxl": "spo-sdxl", "mspo": "spo-sdxl",
+                  "dpo": "diffusion-dpo", "diffusion_dpo": "diffusion-dpo", "ncp": "ncp-dpo", "ncp_dpo": "ncp-dpo"}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def apply_preset(cfg: TrainConfig, name: str) -> TrainConfig:
+    key = PRESET_ALIASES.get(name.lower(), name.lower())
+    if key not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} (aliases: {', '.join(PRESET_ALIASES)})")
+    out = dataclasses.replace(cfg, preset=key)
+    for k, v in PRESETS[key].items():
+        setattr(out, k, type(v)(v) if isinstance(v, (list, dict)) else v)
+    return out
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A config from a preset plus overrides: preset("sd15", prompts="p.txt", max_steps=500)."""
+    cfg = apply_preset(TrainConfig(), name)
+    for k, v in overrides.items():
+        if k not in {f.name for f in fields(TrainConfig)}:
+            raise ConfigError(f"unknown training setting {k!r}")
+        setattr(cfg, k, v)
+    return cfg
+
+
+# -- command-line flags --------------------------------------------------------------------------
+
+RESUME_SAFE = {"max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_prompts",
+               "validation_seeds", "log_every", "resume", "overwrite", "output_name", "lora_format", "save_dtype",
+               "output_dir", "scorer_path", "prompts", "pairs", "preset"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per TrainConfig field (default None: only flags given on the command line count)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        group_name = f.metadata.get("group", "general")
+        group = groups.get(group_name) or parser.add_argument_group(f"{group_name} settings")
+        groups[group_name] = group
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "").replace("{presets}", ", ".join(PRESETS))
+        kind = _field_kind(f)
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is list:
+            group.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="VALUE", help=help_text)
+        elif kind is dict:
+            group.add_argument(flag, dest=f.name, default=None, metavar="JSON", help=help_text + " (JSON)")
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text)
+
+
+def from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """Flags given on the command line override the base config (file and preset)."""
+    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    preset_name = getattr(args, "preset", None)
+    if preset_name:
+        cfg = apply_preset(cfg, preset_name)
+    for f in fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is None or f.name == "preset":
+            continue
+        if _field_kind(f) is dict and isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a JSON object: {exc}") from exc
+        setattr(cfg, f.name, _coerce(TrainConfig, f.name, v))
+    return cfg
+
+
+def _field_kind(f) -> type:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    t = t.replace(" ", "")
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("list", list), ("dict", dict)):
+        if t.startswith(name):
+            return kind
+    return str
+
+
+def _coerce(cls, name: str, value):
+    f = next(f for f in fields(cls) if f.name == name)
+    kind = _field_kind(f)
+    if value is None:
+        return None
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not an integer")
+            return int(value)
+        if kind is float:
+            return float(value)
+        if kind is list:
+            if isinstance(value, str):
+                return [value]
+            items = list(value)
+            if name == "validation_seeds":
+                return [int(v) for v in items]
+            return items
+        if kind is dict:
+            if not isinstance(value, Mapping):
+                raise ValueError("expected a table/object")
+            return dict(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: {exc}") from exc
+
+
+def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = k.replace("-", "_")
+        if isinstance(v, Mapping) and key not in names:  # a TOML section such as [lora]
+            out.update(_flatten(v))
+        else:
+            out[key] = v
+    return out
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v))
