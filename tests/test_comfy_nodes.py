@@ -28,6 +28,8 @@ EXPECTED = {
     "SPOSaveConvertLoRA": ("Save / Convert SPO LoRA", ["STRING", "STRING"]),
     "SPOExtractLoRAFromModels": ("Extract LoRA (from two models)", ["STRING", "STRING"]),
     "SPOExtractLoRAFromFiles": ("Extract LoRA (from checkpoint files)", ["STRING", "STRING"]),
+    "SPOLoadScorer": ("Load Step-Aware Scorer", ["SPO_SCORER", "STRING"]),
+    "SPOScoreImages": ("Score Images", ["FLOAT", "STRING", "IMAGE"]),
 }
 
 
@@ -346,3 +348,85 @@ def test_extract_of_identical_models_says_there_is_nothing(pack):
         pack.run("SPOExtractLoRAFromModels", base_model=base, tuned_model=base.clone(), rank=2, energy=0.0,
                  output_name="none", overwrite=False)
     assert not (pack.base / "output" / "loras" / "none.safetensors").exists()
+
+
+# -- Scorers ------------------------------------------------------------------------------------
+
+
+def _images(n=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # images of different detail: more noise compresses worse
+    return torch.stack([torch.rand(size, size, 3, generator=g) * (i / n) + 0.2 for i in range(n)]).clamp(0, 1)
+
+
+def test_score_images_with_jpeg_scorer_matches_the_core_and_sorts(pack):
+    from spo_core.scorers import load_scorer
+
+    (scorer, info), _ = pack.run("SPOLoadScorer", scorer="jpeg_compressibility", weights="(none)", device="cpu", dtype="fp32")
+    assert scorer.name == "jpeg_compressibility" and "none needed" in info
+    images = _images()
+    (scores, table, sorted_images), ui = pack.run("SPOScoreImages", images=images, prompt="", scorer=scorer, timestep=0)
+    ref = load_scorer("jpeg_compressibility").score(images.movedim(-1, 1), None).tolist()
+    assert scores == pytest.approx(ref)
+    order = sorted(range(len(ref)), key=lambda i: -ref[i])
+    torch.testing.assert_close(sorted_images, images[order])
+    assert table.splitlines()[1].split()[:2] == ["1", str(order[0])]
+    if pack.form == "v1":
+        assert pack.nodes["SPOScoreImages"].OUTPUT_IS_LIST == (True, False, False)
+
+
+def test_scorer_needing_weights_says_which_file(pack):
+    with pytest.raises(ConfigError, match="needs weights in models/spo_scorers"):
+        pack.run("SPOLoadScorer", scorer="spm", weights="(none)", device="cpu", dtype="fp32")
+    with pytest.raises(FileMissingError, match="'gone.safetensors' were not found in .*spo_scorers"):
+        pack.run("SPOLoadScorer", scorer="spm", weights="gone.safetensors", device="cpu", dtype="fp32")
+
+
+def test_spo_scorers_folder_is_registered_and_listed(pack):
+    import folder_paths
+
+    root = Path(folder_paths.get_folder_paths("spo_scorers")[0])
+    assert root == pack.base / "models" / "spo_scorers"
+    (root / "pickscore").mkdir(parents=True)
+    (root / "spm.safetensors").write_bytes(b"")
+    options = pack.nodes["SPOLoadScorer"].INPUT_TYPES()["required"]["weights"][0]
+    assert options == ["(none)", "pickscore/", "spm.safetensors"]
+
+
+def test_managed_scorer_is_loaded_by_comfy_model_management(pack):
+    from spo_core.scorers.base import Scorer
+
+    class Brightness(Scorer):
+        name = "brightness"
+        needs_prompt = False
+
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(1, 1)
+            torch.nn.init.ones_(self.head.weight)
+            torch.nn.init.zeros_(self.head.bias)
+
+        def _score(self, images, prompts, timesteps):
+            return self.head(images.mean(dim=(1, 2, 3)).unsqueeze(1)).squeeze(1)
+
+        def modules(self):
+            return [self.head]
+
+    mod = sys.modules[pack.module.__name__ + ".nodes.scorer_nodes"]
+    managed = mod.ManagedScorer(Brightness(), torch.device("cpu"), torch.device("cpu"))
+    import comfy.model_management
+
+    comfy.model_management.LOADED.clear()
+    images = _images(3)
+    (scores, _, _), _ = pack.run("SPOScoreImages", images=images, prompt="", scorer=managed, timestep=0)
+    assert comfy.model_management.LOADED == [[managed.patcher]]
+    assert scores == pytest.approx(images.mean(dim=(1, 2, 3)).tolist(), abs=1e-6)
+    assert list(managed.patcher.model.parameters())[0] is managed.scorer.head.weight
+
+
+def test_prompt_is_required_by_prompt_scorers(pack):
+    class NeedsPrompt:
+        name, needs_prompt = "p", True
+
+    with pytest.raises(ConfigError, match="enter the prompt"):
+        pack.run("SPOScoreImages", images=_images(2), prompt="  ", scorer=NeedsPrompt(), timestep=0)
