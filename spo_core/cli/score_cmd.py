@@ -1,0 +1,85 @@
+"""`spo score`: score image files with any scorer and print a table (or JSON)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("score", help="score images with a scorer (spm, pickscore, hpsv2, aesthetic, clip, jpeg_*)",
+                       description="Score image files with one scorer; nothing is downloaded (see `spo scorer list`).")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, WebP ...)")
+    p.add_argument("--scorer", required=True, help="spm, pickscore, hpsv2, aesthetic, clip, jpeg_compressibility, "
+                                                   "jpeg_incompressibility")
+    p.add_argument("--weights", help="the scorer's weights file or folder (see `spo scorer list`)")
+    p.add_argument("--prompt", help="the prompt the images were made for (prompt-aware scorers)")
+    p.add_argument("--timestep", type=float, default=0,
+                   help="DDPM timestep 0..999 of the images for step-aware scorers (0 = final image; default 0)")
+    p.add_argument("--clip", help="aesthetic: the CLIP ViT-L/14 folder or file, if not in the --weights folder")
+    p.add_argument("--model-name", help="open_clip architecture of a CLIP/HPS file (e.g. ViT-H-14)")
+    p.add_argument("--scale", type=float, help="clip: the score is scale * max(cos, 0) (default 100)")
+    p.add_argument("--tokenizer", help="a CLIP tokenizer folder (vocab.json + merges.txt) instead of the bundled one")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_score)
+
+
+def load_image(path: str):
+    """An image file -> [3,H,W] float in [0,1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..errors import CorruptFileError
+    from ..safe_io import check_exists
+
+    check_exists(path, "image")
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB")).copy()
+    except OSError as exc:
+        raise CorruptFileError(f"cannot read image {path}: {exc}") from exc
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+
+
+def score_files(scorer, paths: list[str], prompt: str | None, timestep: float, batch_size: int = 8) -> list[float]:
+    """Scores in the order of `paths`; images of one size are batched together."""
+    import torch
+
+    images = [load_image(p) for p in paths]
+    scores: list[float] = [0.0] * len(paths)
+    by_size: dict[tuple, list[int]] = {}
+    for i, img in enumerate(images):
+        by_size.setdefault(tuple(img.shape), []).append(i)
+    for idx in by_size.values():
+        for start in range(0, len(idx), max(1, batch_size)):
+            chunk = idx[start: start + batch_size]
+            out = scorer.score(torch.stack([images[i] for i in chunk]), prompt, timestep)
+            for i, s in zip(chunk, out.cpu().tolist()):
+                scores[i] = s
+    return scores
+
+
+def _score(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..scorers import load_scorer
+
+    options = {k: v for k, v in (("clip", args.clip), ("model_name", args.model_name), ("scale", args.scale),
+                                 ("tokenizer_path", args.tokenizer)) if v is not None}
+    scorer = load_scorer(args.scorer, args.weights, device=args.device, dtype=args.dtype, **options)
+    scores = score_files(scorer, args.images, args.prompt, args.timestep, args.batch_size)
+    if args.json:
+        print(json.dumps({"scorer": args.scorer, "prompt": args.prompt, "timestep": args.timestep,
+                          "scores": dict(zip(args.images, scores))}, indent=2))
+        return 0
+    rows = sorted(zip(args.images, scores), key=lambda r: -r[1])
+    width = max(len(Path(p).name) for p in args.images) + 2
+    title = args.scorer + (f" (t={args.timestep:g})" if scorer.step_aware else "")
+    print(f"{'rank':<6}{'image':<{width}}{title}")
+    for i, (path, s) in enumerate(rows, 1):
+        print(f"{i:<6}{Path(path).name:<{width}}{s:.4f}")
+    return 0
