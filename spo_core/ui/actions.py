@@ -111,8 +111,8 @@ class ScorerCache:
 
         key = (name, str(path or ""), str(device), str(dtype), tuple(sorted(options.items())))
         with self._lock:
-            if key != self._key:
-                self._scorer = None  # free the old one first
+            if key != self._key or self._scorer is None:
+                self._key, self._scorer = None, None  # free the old one first; a failed load leaves none
                 self._scorer = load_scorer(name, path or None, device=device, dtype=dtype, **options)
                 self._key = key
             return self._scorer
@@ -168,10 +168,30 @@ def image_paths(files: Sequence[Any] | Any | None) -> list[str]:
     return out
 
 
+def load_images(paths: Sequence[str]) -> torch.Tensor:
+    """Image files -> [B,3,H,W] in [0,1], resized (bicubic) to the first image's size if they differ."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from ..errors import CorruptFileError
+    from ..safe_io import check_exists
+
+    tensors, size = [], None
+    for path in paths:
+        check_exists(path, "image")
+        try:
+            img = Image.open(path).convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise CorruptFileError(f"cannot read the image {Path(path).name}: {exc}") from exc
+        size = size or img.size
+        if img.size != size:
+            img = img.resize(size, Image.BICUBIC)
+        tensors.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255)
+    return torch.stack(tensors)
+
+
 def score_files(paths: Sequence[str], prompt: str | None, scorer: Any, timestep: int = 0) -> list[tuple[str, float]]:
     """Score image files; returns (path, score) best first."""
-    from ..cli.score_cmd import load_images
-
     if not paths:
         raise ConfigError("no images: add one or more image files")
     prompt = (prompt or "").strip() or None

@@ -109,6 +109,13 @@ class UIHost:
         folders[0].mkdir(parents=True, exist_ok=True)
         return folders[0] / (clean_output_name(name) + suffix)
 
+    def training_dir(self, name: str) -> Path:
+        """The working folder of a training run (checkpoints, log, curves, previews)."""
+        folders = self.folders(LORA)
+        if not folders:
+            raise ConfigError(f"{self.name} has no folder for training runs")
+        return folders[0].parent / "spo-train" / clean_output_name(name)
+
     def after_write(self, kind: str, path: Path) -> str:
         """Called after a LoRA/checkpoint was written (the WebUI refreshes its lists); returns a note for the page."""
         return ""
@@ -214,6 +221,16 @@ class StandaloneHost(UIHost):
             self._backends[key] = DiffusersBackend.from_pretrained(Path(path).expanduser(), device=self.device, dtype=self.dtype)
         self.model_path = path
         return self._backends[key]
+
+    def training_dir(self, name: str) -> Path:
+        return self.output_dir / "train" / clean_output_name(name)
+
+    def training_host(self, model: str | None = None, **options) -> Any:
+        """The trainer's host over the diffusers model (loaded once, shared with the Sample tab)."""
+        from ..training import DiffusersTrainingHost
+
+        backend = self.backend(model)
+        return DiffusersTrainingHost(backend, model_name=Path(self.model_path or "model").name)
 
     def model_arch(self) -> str | None:
         if not self._backends:
