@@ -27,6 +27,10 @@ def test_ancestral_sampling_equals_diffusers_ddim_eta1(make, prediction):
     ours = sigma_space_to_vp(out.x, float(sig[-1]))
     assert float((ours - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     assert out.evaluations == steps * len(PROMPTS)
+    # the convenience entry point (its default sigmas come from the scheduler config) does the same
+    conv = be.sample(PROMPTS, steps=steps, guidance_scale=5.0, height=32, width=32, seed=seed)
+    assert float((conv.latents - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert conv.images.shape == (2, 3, 32, 32) and conv.result.evaluations == steps * len(PROMPTS)
 
 
 def test_decode_and_encode_round_trip_shapes():
@@ -80,3 +84,59 @@ def test_from_pretrained_folder_without_tokenizer_and_single_file(tmp_path):
     single = DiffusersBackend.from_pretrained(tmp_path / "single.safetensors", arch=str(tmp_path / "model"), vae=pipe.vae)
     c = single.denoiser(3.0)(torch.ones(1, 4, 16, 16), torch.tensor([2.0]), single.encode_prompts("x"))
     torch.testing.assert_close(c, b)
+
+
+class MeanScorer:
+    name, step_aware, needs_prompt, differentiable = "mean", False, False, False
+
+    def score(self, images, prompts, timesteps=None):
+        return images.mean(dim=(1, 2, 3)) * 100
+
+
+def test_resampled_sampling_is_deterministic_per_seed():
+    be = DiffusersBackend.from_pipeline(tiny_sd15_pipeline())
+    kw = dict(steps=5, height=32, width=32, k=2, scorer=MeanScorer(), decode="rgb")
+    from spo_core.sampling import ResamplerConfig
+
+    cfg = ResamplerConfig(k=2, window=(0, 999))
+    a = be.sample("a cat", seed=3, config=cfg, **kw)
+    b = be.sample("a cat", seed=3, config=cfg, **kw)
+    c = be.sample("a cat", seed=4, config=cfg, **kw)
+    assert torch.equal(a.images, b.images) and torch.equal(a.latents, b.latents)
+    assert not torch.equal(a.latents, c.latents)
+    assert a.result.pooled_steps == 5 and a.result.evaluations == 1 + 4 * 2
+    best = be.sample("a cat", seed=3, best_of=3, **kw)
+    assert best.result.trace[0].scores.shape == (3, 1) and best.result.evaluations == 3 * 5
+
+
+def test_sdxl_pooled_and_time_id_mismatch_is_a_model_mismatch():
+    sdxl = DiffusersBackend.from_pipeline(tiny_sdxl_pipeline())
+    cond = sdxl.encode_prompts(PROMPTS, height=32, width=32)
+    assert cond["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    bad = type(cond)({**cond.tensors, "time_ids": cond["time_ids"][:, :4]})
+    with pytest.raises(ModelMismatchError, match="time ids"):
+        sdxl.denoiser(5.0)(torch.randn(2, 4, 16, 16), torch.full((2,), 1.0), bad)
+
+
+def test_decoders_rgb_taesd_and_fp16_vae_upcast(tmp_path):
+    import diffusers
+
+    be = DiffusersBackend.from_pipeline(tiny_sd15_pipeline())
+    z = torch.randn(2, 4, 16, 16)
+    rgb = be.decoder("rgb")(z)
+    assert rgb.shape == (2, 3, 32, 32) and 0 <= float(rgb.min()) and float(rgb.max()) <= 1
+    torch.manual_seed(0)
+    taesd = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                                      num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4,
+                                      upsampling_scaling_factor=2)
+    taesd.save_pretrained(tmp_path / "taesd")
+    dec = be.decoder(str(tmp_path / "taesd"))
+    images = dec(z)
+    ref = (taesd.decode(z, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+    assert images.shape == ref.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(images, ref)
+    with pytest.raises(ConfigError, match="TAESD"):
+        be.decoder(str(tmp_path))
+    be.vae.to(torch.float16)  # the tiny VAE's config says force_upcast, like SDXL's original VAE
+    out = be.decode(z)
+    assert be.vae.dtype == torch.float32 and torch.isfinite(out).all()

@@ -179,3 +179,153 @@ def test_trace_grid_renders_on_a_real_tiny_pipeline():
     grid = render_trace_grid(res, title="a red circle")
     pooled = sum(1 for r in res.trace if r.pooled)
     assert pooled == 8 and grid.size[1] > pooled * 96
+
+
+class RecordingDenoiser(ToyDenoiser):
+    """ToyDenoiser that remembers the batch size of every call."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, sigma, cond):
+        self.batches.append(x.shape[0])
+        return super().__call__(x, sigma, cond)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_each_pooled_step_is_one_batched_call_of_k_rows_per_prompt(k):
+    sched, sig, cond, x, decode = toy_setup(b=2)
+    den = RecordingDenoiser()
+    decoded = []
+    res = resample(den, cond, x, sig, sched, BrightnessScorer(), lambda z: decoded.append(z.shape[0]) or decode(z),
+                   ["a", "b"], ResamplerConfig(k=k), seed=0)
+    # SPO window: 4 plain steps (t = 951 ... 801), then pools at t = 751 ... 1
+    assert [r.pooled for r in res.trace] == [False] * 4 + [True] * 16
+    assert [r.evaluations for r in res.trace] == [2] * 4 + [2 * (k + 1)] + [2 * k] * 14 + [0]
+    # calls: 4 plain (B rows), the first pool's parent (B rows), then one k*B call per pool but the last
+    assert den.batches == [2] * 5 + [k * 2] * 15
+    assert decoded == [k * 2] * 16  # every pool decodes all its candidates at once
+    assert res.evaluations == sum(r.evaluations for r in res.trace) == sum(den.batches)
+    assert res.pooled_evaluations == 2 * (k + 1) + 14 * 2 * k
+
+
+def test_pairs_are_consistent_transitions_of_the_recorded_parents():
+    """x_win / x_lose must be draws of N(mean(x_t), sigma_up^2) under the sampling denoiser:
+    recompute the mean from the recorded parent and check the implied noise is standard normal."""
+    sched, sig, cond, x, decode = toy_setup()
+    for cfg in (ResamplerConfig(k=4, policy="pairs", threshold=0.0),
+                ResamplerConfig(k=2, policy="pairs", inner_steps=3, threshold=0.0)):
+        res = resample(ToyDenoiser(), cond, x, sig, sched, BrightnessScorer(), decode, ["a", "b"], cfg, seed=8)
+        assert res.pairs
+        for p in res.pairs:
+            down, up = ancestral_sigmas(p.sigma, p.sigma_next, p.eta)
+            assert abs(float(sched.timestep(p.sigma)) - p.t) < 1e-6 and abs(float(sched.timestep(p.sigma_next)) - p.t_next) < 1e-6
+            for parent, child in ((p.x_t, p.x_win), (p.x_t_lose, p.x_lose)):
+                par = parent.unsqueeze(0)
+                x0 = ToyDenoiser()(par, torch.tensor([p.sigma]), cond.take(torch.tensor([p.row])))
+                z = (child.unsqueeze(0) - ancestral_mean(par, x0, p.sigma, down)) / float(up)
+                assert 0.6 < float(z.pow(2).mean()) < 1.4, "child is not a draw around its recorded parent's mean"
+
+
+def test_progress_callback_and_cancel():
+    from spo_core.errors import Cancelled
+
+    sched, sig, cond, x, decode = toy_setup()
+    events, infos = [], []
+    resample(ToyDenoiser(), cond, x, sig, sched, BrightnessScorer(), decode, "p", ResamplerConfig(k=2), seed=0,
+             progress=events.append, callback=infos.append)
+    assert [e.step for e in events] == list(range(1, 21)) and events[-1].total == 20
+    assert [i.i for i in infos] == list(range(20))
+    for info in infos:  # what a host needs for a preview
+        assert info.x.shape == x.shape and info.x0.shape == x.shape and info.total == 20
+        assert (info.scores is None) == (info.i < 4)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 6
+
+    with pytest.raises(Cancelled):
+        resample(ToyDenoiser(), cond, x, sig, sched, BrightnessScorer(), decode, "p", ResamplerConfig(k=2), seed=0, cancel=cancel)
+    with pytest.raises(Cancelled):
+        sample_ancestral(ToyDenoiser(), cond, x, sig, seed=0, cancel=lambda: True)
+
+
+def test_bad_scores_and_missing_decoder():
+    from spo_core.errors import InvalidTensorError
+
+    class NaNScorer(BrightnessScorer):
+        def score(self, images, prompts, timesteps=None):
+            return torch.full((images.shape[0],), float("nan"))
+
+    class ShortScorer(BrightnessScorer):
+        def score(self, images, prompts, timesteps=None):
+            return torch.zeros(1)
+
+    sched, sig, cond, x, decode = toy_setup()
+    with pytest.raises(InvalidTensorError, match="non-finite"):
+        resample(ToyDenoiser(), cond, x, sig, sched, NaNScorer(), decode, "p", ResamplerConfig(k=2, policy="softmax"))
+    with pytest.raises(InvalidTensorError, match="1 scores for 4"):
+        resample(ToyDenoiser(), cond, x, sig, sched, ShortScorer(), decode, "p", ResamplerConfig(k=2))
+    with pytest.raises(ConfigError, match="decoder"):
+        resample(ToyDenoiser(), cond, x, sig, sched, BrightnessScorer(), None, "p", ResamplerConfig(k=2))
+    with pytest.raises(ConfigError, match="needs a scorer"):
+        resample(ToyDenoiser(), cond, x, sig, sched, None, decode, "p", ResamplerConfig(k=2))
+    with pytest.raises(ConfigError, match="non-increasing"):
+        resample(ToyDenoiser(), cond, x, sig.flip(0), sched, BrightnessScorer(), decode, "p", ResamplerConfig(k=2))
+
+
+def test_k_diffusion_schedules_ending_at_zero():
+    """ComfyUI/WebUI schedules end at sigma 0: the last step is deterministic (x = x0) and never pooled."""
+    sched, _, cond, x, decode = toy_setup()
+    sig = sched.karras_sigmas(10)
+    assert float(sig[-1]) == 0
+    res = resample(ToyDenoiser(), cond, x * float(sig[0]) / 14.6, sig, sched, BrightnessScorer(), decode, "p",
+                   ResamplerConfig(k=3, window=(0, 999)), seed=0)
+    assert [r.pooled for r in res.trace] == [True] * 9 + [False]
+    assert res.trace[-1].evaluations == 0  # the chosen candidate's x0 is the final image: no extra call
+    assert torch.isfinite(res.x).all()
+
+
+def test_spo_presets():
+    sd15, sdxl = ResamplerConfig.for_spo("sd15"), ResamplerConfig.for_spo("sdxl")
+    assert (sd15.k, sd15.inner_steps, sd15.threshold, sd15.policy) == (4, 0, 0.3, "pairs")
+    assert (sdxl.k, sdxl.inner_steps, sdxl.threshold) == (2, 3, 0.4)
+    assert ResamplerConfig.for_spo("sdxl", k=4).k == 4
+
+
+def test_trace_grid_marks_the_chosen_candidate():
+    from spo_core.sampling.trace import CHOSEN
+
+    sched, sig, cond, x, decode = toy_setup()
+    res = resample(ToyDenoiser(), cond, x, sig, sched, BrightnessScorer(), decode, ["a", "b"],
+                   ResamplerConfig(k=3, keep_images=True, image_size=16), seed=1)
+    cell = 40
+    for prompt in (0, 1):
+        grid = render_trace_grid(res, prompt, cell=cell, title="t")
+        pooled = [r for r in res.trace if r.pooled]
+        assert grid.size == (84 + 3 * (cell + 4) + 4, 22 + len(pooled) * (cell + 14 + 4) + 4)
+        for row, rec in enumerate(pooled):
+            y = 22 + row * (cell + 18)
+            for c in range(3):
+                px = grid.getpixel((84 + c * (cell + 4) - 2, y + cell // 2))  # left edge of the outline
+                assert (px == CHOSEN) == (c == int(rec.chosen[prompt]))
+    with pytest.raises(ConfigError, match="keep_images"):
+        render_trace_grid(resample(ToyDenoiser(), cond, x, sig, sched, BrightnessScorer(), decode, "p",
+                                   ResamplerConfig(k=2), seed=1))
+
+
+def test_latent_rgb_decoder_matches_comfyui_previewer():
+    from spo_core.sampling import LatentRGBDecoder
+
+    z = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    # ComfyUI Latent2RGBPreviewer: x0.permute(1, 2, 0) @ factors (+ bias), then (v + 1) / 2 clamped
+    sdxl_factors = torch.tensor([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362],
+                                 [-0.3165, -0.2492, -0.2188]])
+    ref = ((z[1].permute(1, 2, 0) @ sdxl_factors + torch.tensor([0.1084, -0.0175, -0.0011]) + 1) / 2).clamp(0, 1)
+    ours = LatentRGBDecoder("sdxl", upscale=1)(z)
+    torch.testing.assert_close(ours[1].permute(1, 2, 0), ref)
+    up = LatentRGBDecoder("sd15", upscale=8)(z)
+    assert up.shape == (2, 3, 40, 48) and 0 <= float(up.min()) and float(up.max()) <= 1
+    with pytest.raises(ConfigError):
+        LatentRGBDecoder("flux")

@@ -14,16 +14,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..clip_tokenizer import load_clip_tokenizer
 from ..errors import ConfigError, ModelMismatchError, require
 from ..safe_io import check_exists
+from ..sampling.approx_decode import LatentRGBDecoder
 from ..sampling.denoiser import TensorConditioning
-from ..sampling.schedule import NoiseSchedule, vp_to_sigma_space
+from ..sampling.schedule import NoiseSchedule, sigma_space_to_vp, vp_to_sigma_space
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +141,13 @@ class DiffusersBackend:
 
     # -- conditioning ---------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str] | str, negative_prompt: str | Sequence[str] | None = None,
-                       height: int | None = None, width: int | None = None) -> TensorConditioning:
-        """Text embeddings for CFG: cond and uncond rows (SDXL: pooled embeds and time ids too)."""
+                       height: int | None = None, width: int | None = None, clip_skip: int | None = None) -> TensorConditioning:
+        """Text embeddings for CFG: cond and uncond rows (SDXL: both encoders, pooled embeds, and
+        add_time_ids = (height, width, 0, 0, height, width) for the output size).
+
+        negative_prompt=None does what the diffusers pipelines do without one: the empty prompt
+        (SD1.x/2.x), zero embeddings (SDXL, whose config sets force_zeros_for_empty_prompt).
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ConfigError("the prompt list is empty")
@@ -150,14 +157,15 @@ class DiffusersBackend:
             if self.is_sdxl:
                 cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
                     prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-                    negative_prompt=negative_prompt)
+                    negative_prompt=negative_prompt, clip_skip=clip_skip)
                 h = height or self.default_size
                 w = width or self.default_size
                 time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond.dtype, device=self.device).repeat(len(prompts), 1)
                 tensors = {"cond": cond, "uncond": uncond, "pooled": pooled, "uncond_pooled": uncond_pooled,
                            "time_ids": time_ids}
             else:
-                cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, True, negative_prompt=negative_prompt)
+                cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, True, negative_prompt=negative_prompt,
+                                                       clip_skip=clip_skip)
                 tensors = {"cond": cond, "uncond": uncond}
         return TensorConditioning(tensors, {"arch": self.arch})
 
@@ -174,6 +182,14 @@ class DiffusersBackend:
         if ctx != want:
             raise ModelMismatchError(f"conditioning has {ctx}-dim text embeddings but this {self.arch} UNet expects {want}; "
                                      "the prompts were encoded by another model's text encoder")
+        if self.is_sdxl:
+            cfg = self.unet.config
+            got = tensors["pooled"].shape[-1] + tensors["time_ids"].shape[-1] * cfg.addition_time_embed_dim
+            if got != cfg.projection_class_embeddings_input_dim:
+                raise ModelMismatchError(
+                    f"conditioning has {tensors['pooled'].shape[-1]}-dim pooled embeddings and {tensors['time_ids'].shape[-1]} "
+                    f"time ids, but this UNet's added embedding takes {cfg.projection_class_embeddings_input_dim} inputs; "
+                    "encode the prompts with this model's own text encoders (an SDXL refiner needs its own time ids)")
 
     def unet_forward(self, x_vp: torch.Tensor, t: torch.Tensor, cond: TensorConditioning, both: bool) -> torch.Tensor:
         """UNet output for [uncond; cond] (both=True) or cond rows."""
@@ -213,11 +229,35 @@ class DiffusersBackend:
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Latents (model space) -> images [N,3,H,W] in [0,1], float32."""
+        self._upcast_vae_if_needed()
         z = x0.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
         images = self.vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    def _upcast_vae_if_needed(self) -> None:
+        """SDXL's original VAE overflows in fp16 (its config says force_upcast): run it in fp32, as diffusers does."""
+        if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            log.info("this VAE overflows in fp16 (force_upcast): running it in fp32; an fp16-fix VAE avoids this")
+            self.vae.to(torch.float32)
+
+    def approx_decoder(self) -> LatentRGBDecoder:
+        """A near-free decoder for scoring candidates and previews: a linear latent -> RGB map
+        (ComfyUI's Latent2RGB factors), upsampled to the VAE's output size."""
+        return LatentRGBDecoder(self.arch, upscale=self.vae_scale_factor)
+
+    def decoder(self, kind: str | Callable[[torch.Tensor], torch.Tensor] = "vae") -> Callable[[torch.Tensor], torch.Tensor]:
+        """A decoder for the resampler: "vae" (full VAE), "rgb" (the linear approximation), the path
+        of a local TAESD folder (diffusers AutoencoderTiny; ComfyUI's taesd/taesdxl), or a callable."""
+        if callable(kind):
+            return kind
+        if kind == "vae":
+            return self.decode
+        if kind == "rgb":
+            return self.approx_decoder()
+        return TinyVAEDecoder.from_path(kind, device=self.device, dtype=self.vae.dtype)
+
     def decode_with_grad(self, x0: torch.Tensor) -> torch.Tensor:
+        self._upcast_vae_if_needed()
         z = x0.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
         return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
@@ -226,11 +266,55 @@ class DiffusersBackend:
         """Images [N,3,H,W] in [0,1] -> model-space latents (the VAE posterior mean, or a sample)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"images must be [N,3,H,W], got {tuple(images.shape)}")
+        self._upcast_vae_if_needed()
         dist = self.vae.encode((images.to(self.device, self.vae.dtype) * 2 - 1), return_dict=False)[0]
         z = dist.sample(generator) if sample else dist.mean
         return ((z - self.shift_factor) * self.scaling_factor).float()
 
     # -- convenience ------------------------------------------------------------------------
+    def default_sigmas(self, steps: int = 20) -> torch.Tensor:
+        """The DDIM sigmas of this model's scheduler config (SD1.5/SDXL: 'leading', offset 1 = SPO's
+        t = 951, 901, ..., 1 for 20 steps), ending at sigma(t=0) like diffusers' DDIM."""
+        cfg = self.pipe.scheduler.config
+        return self.schedule.ddim_sigmas(steps, steps_offset=int(cfg.get("steps_offset", 1) or 0),
+                                         spacing=cfg.get("timestep_spacing", "leading") or "leading")
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str] | str, negative_prompt: str | Sequence[str] | None = None, *,
+               steps: int = 20, guidance_scale: float = 5.0, eta: float = 1.0, height: int | None = None,
+               width: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
+               sigmas: torch.Tensor | None = None, k: int = 1, policy: str = "greedy", scorer: Any = None,
+               decode: str | Callable[[torch.Tensor], torch.Tensor] = "vae", config: Any = None, best_of: int = 0,
+               callback: Callable | None = None, progress: Callable | None = None,
+               cancel: Callable[[], bool] | None = None) -> "BackendSample":
+        """Text to image: plain DDIM(eta) sampling (k = 1), the per-step resampler (k > 1, or a
+        full `config`: ResamplerConfig), or best-of-N (`best_of` > 1). `decode` picks how candidates
+        are decoded for scoring ("vae", "rgb", a TAESD folder, a callable); the final image always
+        goes through the full VAE. With k = 1 and the default sigmas the latents equal diffusers'
+        DDIM pipeline (eta=1) output for the same seed.
+        """
+        from ..sampling import ResamplerConfig, best_of_n, resample
+
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        cond = self.encode_prompts(prompt_list, negative_prompt, height, width)
+        sig = self.default_sigmas(steps) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32).cpu()
+        g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+        b = len(prompt_list)
+        denoiser = self.denoiser(guidance_scale)
+        cfg = config if config is not None else ResamplerConfig(k=k, policy=policy, eta=eta)
+        decode_fn = self.decoder(decode) if (cfg.k > 1 or best_of > 1) else None
+        common = dict(generator=g, callback=callback, cancel=cancel, progress=progress)
+        if best_of > 1:
+            starts = self.initial_noise(best_of * b, height, width, sigma=float(sig[0]), generator=g)
+            result = best_of_n(denoiser, cond, starts, sig, self.schedule, scorer, decode_fn, prompt_list, best_of,
+                               eta=cfg.eta, **common)
+        else:
+            x = self.initial_noise(b, height, width, sigma=float(sig[0]), generator=g)
+            result = resample(denoiser, cond, x, sig, self.schedule, scorer, decode_fn, prompt_list, cfg, **common)
+        final = float(sig[-1])
+        latents = sigma_space_to_vp(result.x, final) if final > 0 else result.x
+        return BackendSample(self.decode(latents), latents, result, sig)
+
     def module_table(self):
         """The LoRA engine's table of this model (real SD tables for real models)."""
         from ..lora.tables import load_table, table_for_pipeline
@@ -238,6 +322,37 @@ class DiffusersBackend:
         if self.arch in ("sd15", "sd2", "sdxl"):
             return load_table(self.arch)
         return table_for_pipeline(self.pipe, arch=self.arch)
+
+
+@dataclass
+class BackendSample:
+    images: torch.Tensor  # [B,3,H,W] in [0,1], float32
+    latents: torch.Tensor  # diffusers (VP) latents [B,C,h,w]
+    result: Any  # ResampleResult: final x, trace, evaluations, pairs
+    sigmas: torch.Tensor
+
+
+class TinyVAEDecoder:
+    """TAESD (diffusers AutoencoderTiny) as a cheap decoder: takes model-space latents, like `decode`."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> "TinyVAEDecoder":
+        diffusers = require("diffusers", "the TAESD decoder", "diffusers")
+        p = check_exists(path, "TAESD folder")
+        if not (p.is_dir() and (p / "config.json").is_file()):
+            raise ConfigError(f"{p} is not a diffusers AutoencoderTiny (TAESD) folder with a config.json; "
+                              "the decoder must be 'vae', 'rgb' or such a folder (e.g. madebyollin/taesd)")
+        vae = diffusers.AutoencoderTiny.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype or torch.float32)
+        return cls(vae.to(device).eval())
+
+    @torch.no_grad()
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        scale = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+        out = self.vae.decode(x0.to(self.vae.device, self.vae.dtype) / scale, return_dict=False)[0]
+        return (out.float() / 2 + 0.5).clamp(0, 1)
 
 
 def _load_vae(diffusers, vae, dtype):

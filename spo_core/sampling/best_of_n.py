@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
-from ..progress import CancelFn
+from ..progress import CancelFn, ProgressFn
 from .denoiser import Conditioning, CountingDenoiser, Decoder, Denoiser, repeat_cond
-from .resampler import ResampleResult, StepRecord, _check_scorer
+from .resampler import ResampleResult, StepRecord, _check_scorer, _scores
 from .samplers import StepCallback, sample_ancestral
 from .schedule import NoiseSchedule, check_sigmas, sigma_space_to_vp
 
@@ -34,8 +34,13 @@ def best_of_n(
     seed: int | None = None,
     callback: StepCallback | None = None,
     cancel: CancelFn | None = None,
+    progress: ProgressFn | None = None,
 ) -> ResampleResult:
-    """`x_starts`: [n*B, ...] starting points in sigma space (row j*B + b is sample j of prompt b)."""
+    """`x_starts`: [n*B, ...] starting points in sigma space (row j*B + b is sample j of prompt b).
+
+    Returns the best sample per prompt ([B, ...] at sigmas[-1]) and one trace record holding
+    the n x B final scores and the chosen index; evaluations are n * B * steps rows.
+    """
     if n < 1:
         raise ConfigError(f"n must be at least 1, got {n}")
     b = cond.batch_size
@@ -46,13 +51,13 @@ def best_of_n(
     counter = denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)
     start_rows, start_calls = counter.rows, counter.calls
     out = sample_ancestral(counter, repeat_cond(cond, n), x_starts, sig, eta=eta, generator=generator, seed=seed,
-                           callback=callback, cancel=cancel)
+                           callback=callback, cancel=cancel, progress=progress)
     final_sigma = float(sig[-1])
     images = decode(sigma_space_to_vp(out.x, final_sigma) if final_sigma > 0 else out.x)
     prompts_n = [prompt_list[r % b] for r in range(n * b)] if prompt_list is not None else None
-    scores = scorer.score(images, prompts_n, torch.zeros(n * b)).detach().float().cpu().reshape(n, b)
+    scores = _scores(scorer, images, prompts_n, torch.zeros(n * b), n, b)
     chosen = scores.argmax(0)
     x = out.x.reshape(n, b, *out.x.shape[1:])[chosen, torch.arange(b)]
     record = StepRecord(len(sig) - 2, float(sig[-2]), final_sigma, 0.0, pooled=True, t_scored=0.0,
-                        scores=scores, chosen=chosen, steps=len(sig) - 1)
+                        scores=scores, chosen=chosen, steps=len(sig) - 1, evaluations=out.evaluations)
     return ResampleResult(x, counter.rows - start_rows, counter.calls - start_calls, len(sig) - 1, [record])

@@ -12,6 +12,18 @@ softmax(scores / temperature): Feynman-Kac-style steering), `random` (SPO's cont
 their 2-way softmax gap exceeds the threshold, as SPO's compare function does).
 `inner_steps` = j gives SDXL's multi-step SPO: each candidate is denoised j more steps before
 it is scored, and every transition of the winning and losing chains becomes a pair.
+
+Cost, in denoiser rows per prompt: a plain step 1 (its parent), a pooled step k (the
+candidates at the next sigma, one batched call of k*B rows), plus 1 for the parent when the
+step before was not pooled; a pool at the last step, which ends at a small sigma > 0, costs
+0 more (its candidates are final: decoded directly and scored at t = 0, as SPO does). Each
+`StepRecord.evaluations` holds what its step spent.
+
+Randomness, all from one CPU torch.Generator (seeded from `seed`, or the caller's), in this
+order: per plain step one normal draw of x's shape [B,...] (none when sigma_up is 0); per pool
+one draw of [k,B,...], then one draw of [k*B,...] per inner step, then the policy's draw
+(random/pairs: randint over k for each prompt; softmax: a multinomial per prompt; greedy: none).
+With k = 1 the draws and the result are exactly `sample_ancestral`'s.
 """
 
 from __future__ import annotations
@@ -21,8 +33,8 @@ from typing import Sequence
 
 import torch
 
-from ..errors import Cancelled, ConfigError
-from ..progress import CancelFn
+from ..errors import Cancelled, ConfigError, InvalidTensorError
+from ..progress import CancelFn, ProgressFn, Reporter
 from .denoiser import Conditioning, CountingDenoiser, Decoder, Denoiser, call_denoiser, repeat_cond
 from .samplers import StepCallback, StepInfo, make_generator, randn_like
 from .schedule import NoiseSchedule, check_sigmas, sigma_space_to_vp
@@ -33,6 +45,9 @@ POLICIES = ("greedy", "random", "softmax", "pairs")
 # SPO's first trained transition starts at t = 751 (divert_start_step = 4 of 20 leading DDIM steps);
 # the paper calls the range "t <= 750".
 SPO_WINDOW = (0.0, 751.0)
+
+# SPO's pair validity threshold on p_win - p_lose of the 2-way softmax of the raw scores
+SPO_THRESHOLDS = {"sd15": 0.3, "sd2": 0.3, "custom-sd1": 0.3, "sdxl": 0.4, "custom-sdxl": 0.4}
 
 
 @dataclass
@@ -49,7 +64,18 @@ class ResamplerConfig:
     keep_images: bool = False  # keep the candidates' decoded x0 in the trace (for the grid)
     image_size: int = 96  # thumbnail size kept per candidate
 
-    def validate(self, sigmas: torch.Tensor, schedule: NoiseSchedule) -> None:
+    @classmethod
+    def for_spo(cls, arch: str = "sd15", **overrides) -> "ResamplerConfig":
+        """SPO's released training settings: SD1.5 k = 4, one-step pairs, threshold 0.3; SDXL k = 2,
+        3 inner steps (segments of 4 transitions), threshold 0.4; eta 1, window t <= 751, pairs."""
+        sdxl = "sdxl" in arch
+        base = dict(k=2 if sdxl else 4, policy="pairs", eta=1.0, window=SPO_WINDOW, inner_steps=3 if sdxl else 0,
+                    threshold=SPO_THRESHOLDS.get(arch, 0.4 if sdxl else 0.3))
+        base.update(overrides)
+        return cls(**base)
+
+    def validate(self, sigmas: torch.Tensor | None = None, schedule: NoiseSchedule | None = None) -> None:
+        """Raise ConfigError on settings that cannot work; the window is checked when sigmas are given."""
         if self.k < 1:
             raise ConfigError(f"k must be at least 1, got {self.k}")
         if self.policy not in POLICIES:
@@ -70,7 +96,7 @@ class ResamplerConfig:
         lo, hi = self.window
         if lo > hi:
             raise ConfigError(f"step window {self.window}: the lower bound is above the upper bound")
-        if self.k > 1:
+        if self.k > 1 and sigmas is not None and schedule is not None:
             ts = [round(float(schedule.timestep(s)), 2) for s in sigmas[:-1] if float(s) > 0]
             nexts = sigmas[1:]
             if not any(lo <= t <= hi and float(n) > 0 for t, n in zip(ts, nexts)):
@@ -92,6 +118,7 @@ class StepRecord:
     chosen: torch.Tensor | None = None  # [B]
     images: torch.Tensor | None = None  # [k, B, 3, h, w] uint8 thumbnails (keep_images)
     steps: int = 1  # transitions covered (1 + inner_steps for multi-step segments)
+    evaluations: int = 0  # denoiser rows spent in this step (whole batch)
 
 
 @dataclass
@@ -110,6 +137,7 @@ class TransitionPair:
     score_lose: float
     row: int  # conditioning row (prompt index)
     eta: float
+    t_next: float = float("nan")  # DDPM timestep of sigma_next (fractional for sigmas off the table)
 
     @property
     def shared_parent(self) -> bool:
@@ -133,8 +161,14 @@ class ResampleResult:
     def evaluations_per_step(self) -> float:
         return self.evaluations / max(self.steps, 1)
 
+    @property
+    def pooled_evaluations(self) -> int:
+        """Denoiser rows spent in pooled steps (candidates, inner steps, and any parent evaluation)."""
+        return sum(r.evaluations for r in self.trace if r.pooled)
+
 
 def _select(scores: torch.Tensor, policy: str, temperature: float, g: torch.Generator) -> torch.Tensor:
+    """One candidate index per prompt from scores [k, B]."""
     k, b = scores.shape
     if policy == "greedy":
         return scores.argmax(0)
@@ -184,12 +218,18 @@ def resample(
     seed: int | None = None,
     callback: StepCallback | None = None,
     cancel: CancelFn | None = None,
+    progress: ProgressFn | None = None,
 ) -> ResampleResult:
     """Sample from x (sigma space, at sigmas[0]) with per-step candidate pools (see module docstring).
 
-    `scorer` follows the spo_core.scorers protocol (`score(images, prompts, timesteps)`,
-    `needs_prompt`); `decode` maps x0 latents to images in [0,1]. Returns the final sample, the
-    per-step trace, the pairs (policy "pairs") and the evaluation count in denoiser rows.
+    `denoiser(x, sigma[N], cond) -> x0` with CFG inside; `cond.take` selects rows. `schedule`
+    maps sigma to the DDPM timestep (window, step-aware scoring). `scorer` follows the
+    spo_core.scorers protocol (`score(images, prompts, timesteps)`, `needs_prompt`); `decode`
+    maps x0 latents to images in [0,1] (the VAE, or a cheap approximation). `callback(StepInfo)`
+    runs after each step or pooled segment, `progress` gets ProgressEvent("sampling", i, steps),
+    `cancel()` is checked before each step. Returns the final sample (sigma space, at
+    sigmas[-1]), the per-step trace, the pairs (policy "pairs") and the evaluation count in
+    denoiser rows. k = 1 is plain sampling and needs no scorer.
     """
     cfg = config or ResamplerConfig()
     sig = check_sigmas(sigmas)
@@ -199,6 +239,8 @@ def resample(
         raise ConfigError(f"conditioning has {cond.batch_size} rows but the batch has {b}")
     pooling = cfg.k > 1
     prompt_list = _check_scorer(scorer, prompts, b) if pooling else None
+    if pooling and decode is None:
+        raise ConfigError("the resampler needs a decoder (x0 latents -> images) to score candidates when k > 1")
     counter = denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)
     start_rows, start_calls = counter.rows, counter.calls
     g = make_generator(generator, seed)
@@ -206,15 +248,17 @@ def resample(
     cond_k = repeat_cond(cond, k) if pooling else None
     prompts_k = [prompt_list[r % b] for r in range(k * b)] if prompt_list is not None else None
     n = len(sig) - 1
+    reporter = Reporter("sampling", n, progress, cancel) if progress is not None else None
     lo, hi = cfg.window
     trace: list[StepRecord] = []
     pairs: list[TransitionPair] = []
-    x0 = None
+    x0 = None  # the current x's x0 prediction, when the last pool already evaluated it
     pool_count = 0
     i = 0
     while i < n:
         if cancel is not None and cancel():
             raise Cancelled("sampling was cancelled")
+        step_rows = counter.rows
         s, s_next = float(sig[i]), float(sig[i + 1])
         t = float(schedule.timestep(s))
         if x0 is None:
@@ -228,20 +272,22 @@ def resample(
         if not pool_now:
             x = mean + float(up) * randn_like(x.shape, g, x) if float(up) > 0 else mean
             parent_x0, x0 = x0, None
-            trace.append(StepRecord(i, s, s_next, t, pooled=False))
+            trace.append(StepRecord(i, s, s_next, t, pooled=False, evaluations=counter.rows - step_rows))
             if callback is not None:
                 callback(StepInfo(i, n, x, parent_x0, s, s_next))
             i += 1
+            if reporter is not None:
+                reporter.update(i, f"step {i}/{n}")
             continue
 
-        # --- a pool: k candidates from the shared mean ---------------------------------
+        # --- a pool: k candidates from the shared mean, k-major rows ---------------------------
         z = randn_like((k, *x.shape), g, x)
         cand = (mean.unsqueeze(0) + float(up) * z).reshape(k * b, *x.shape[1:])
         parents = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
         chain = [(parents, cand, s, s_next, float(up))]  # transitions of every candidate's chain
         j = min(cfg.inner_steps, n - i - 1)
         cur, cur_sigma, cur_x0 = cand, s_next, None
-        for step in range(j):
+        for step in range(j):  # multi-step segment: each candidate goes on alone for j steps
             nxt_sigma = float(sig[i + 2 + step])
             cur_x0 = call_denoiser(counter, cur, cur_sigma, cond_k)
             d2, u2 = ancestral_sigmas(cur_sigma, nxt_sigma, cfg.eta)
@@ -252,29 +298,45 @@ def resample(
         end_index = i + 1 + j
         last = end_index == n
         if cur_sigma == 0:
-            images, t_scored, cur_x0 = decode(cur), 0.0, None
-        elif last and cfg.final_decode:
-            images, t_scored, cur_x0 = decode(sigma_space_to_vp(cur, cur_sigma)), 0.0, None
-        else:
+            images, t_scored = decode(cur), 0.0
+        elif last and cfg.final_decode:  # final candidates: decode the latents themselves (SPO's last step)
+            images, t_scored = decode(sigma_space_to_vp(cur, cur_sigma)), 0.0
+        else:  # one batched call for all k*B candidates; the chosen rows are the next step's evaluation
             cur_x0 = call_denoiser(counter, cur, cur_sigma, cond_k)
             images, t_scored = decode(cur_x0), round(float(schedule.timestep(cur_sigma)), 4)
         timesteps = torch.full((k * b,), t_scored)
-        scores = scorer.score(images, prompts_k, timesteps).detach().float().cpu().reshape(k, b)
+        scores = _scores(scorer, images, prompts_k, timesteps, k, b)
         chosen = _select(scores, cfg.policy, cfg.temperature, g)
         rows = torch.arange(b)
         if cfg.policy == "pairs":
             pairs.extend(_pairs(chain, scores, cfg, k, b, schedule))
         x = cur.reshape(k, b, *x.shape[1:])[chosen, rows]
         x0 = cur_x0.reshape(k, b, *x.shape[1:])[chosen, rows] if cur_x0 is not None else None
-        record = StepRecord(i, s, s_next, t, pooled=True, t_scored=t_scored, scores=scores, chosen=chosen, steps=1 + j)
+        record = StepRecord(i, s, s_next, t, pooled=True, t_scored=t_scored, scores=scores, chosen=chosen, steps=1 + j,
+                            evaluations=counter.rows - step_rows)
         if cfg.keep_images:
             thumbs = _thumbs(images, cfg.image_size)
             record.images = thumbs.reshape(k, b, *thumbs.shape[1:])
         trace.append(record)
         if callback is not None:
-            callback(StepInfo(end_index - 1, n, x, mean if x0 is None else x0, s, float(sig[end_index]), scores, chosen))
+            callback(StepInfo(end_index - 1, n, x, x if x0 is None else x0, s, float(sig[end_index]), scores, chosen))
         i = end_index
+        if reporter is not None:
+            reporter.update(i, f"step {i}/{n}", score=float(scores.max(0).values.mean()))
     return ResampleResult(x, counter.rows - start_rows, counter.calls - start_calls, n, trace, pairs)
+
+
+def _scores(scorer, images: torch.Tensor, prompts: list[str] | None, timesteps: torch.Tensor, k: int, b: int) -> torch.Tensor:
+    """The scorer's [k*B] scores as a float32 CPU tensor [k, B], checked."""
+    out = scorer.score(images, prompts, timesteps)
+    out = torch.as_tensor(out).detach().float().cpu().flatten()
+    if out.numel() != k * b:
+        raise InvalidTensorError(f"scorer {getattr(scorer, 'name', type(scorer).__name__)!r} returned {out.numel()} "
+                                 f"scores for {k * b} candidate images")
+    if not torch.isfinite(out).all():
+        raise InvalidTensorError(f"scorer {getattr(scorer, 'name', type(scorer).__name__)!r} returned non-finite scores "
+                                 "(NaN or inf): check its weights and the decoded images (an fp16 VAE can overflow)")
+    return out.reshape(k, b)
 
 
 def _pairs(chain, scores: torch.Tensor, cfg: ResamplerConfig, k: int, b: int, schedule: NoiseSchedule) -> list[TransitionPair]:
@@ -299,5 +361,6 @@ def _pairs(chain, scores: torch.Tensor, cfg: ResamplerConfig, k: int, b: int, sc
                 x_t=par[w, r].detach().clone(), x_t_lose=par[l_, r].detach().clone(), x_win=ch[w, r].detach().clone(),
                 x_lose=ch[l_, r].detach().clone(), sigma=s, sigma_next=s_next,
                 t=float(schedule.timestep(s)), score_win=sw, score_lose=sl, row=r, eta=cfg.eta,
+                t_next=float(schedule.timestep(s_next)),
             ))
     return out

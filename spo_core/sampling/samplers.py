@@ -2,8 +2,11 @@
 
 Noise comes from a torch.Generator the caller owns or that is seeded here (drawn on the CPU
 and moved, so a seed gives the same image on any device): one standard-normal draw of x's
-shape per step, in step order. With `record=True` every transition is kept with its
-log-probability under the sampling policy (DDPO needs them).
+shape per step, in step order, and none for a step whose sigma_up is 0 (eta = 0, or a last
+step to sigma 0). This is exactly how diffusers' DDIM pipeline draws after its initial latents,
+so with the same generator the result equals `StableDiffusionPipeline(..., eta=1)`.
+With `record=True` every transition is kept with its log-probability under the sampling
+policy (DDPO needs them).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError
-from ..progress import CancelFn
+from ..errors import Cancelled, ConfigError
+from ..progress import CancelFn, ProgressFn, Reporter
 from .denoiser import Conditioning, CountingDenoiser, Denoiser, call_denoiser
 from .schedule import NoiseSchedule, check_sigmas
 from .step import ancestral_mean, ancestral_sigmas, transition_log_prob
@@ -86,8 +89,13 @@ def sample_ancestral(
     record: bool = False,
     callback: StepCallback | None = None,
     cancel: CancelFn | None = None,
+    progress: ProgressFn | None = None,
 ) -> SampleResult:
-    """Sample from x (sigma space, at sigmas[0]) down to sigmas[-1] with DDIM(eta) steps."""
+    """Sample from x (sigma space, at sigmas[0]) down to sigmas[-1] with DDIM(eta) steps.
+
+    `callback(StepInfo)` runs after every step (hosts show previews from it); `progress` gets a
+    ProgressEvent("sampling", i + 1, steps) per step; `cancel()` is checked before every step.
+    """
     if eta < 0:
         raise ConfigError(f"eta must be >= 0, got {eta}")
     sig = check_sigmas(sigmas)
@@ -96,10 +104,9 @@ def sample_ancestral(
     g = make_generator(generator, seed)
     transitions: list[Transition] = []
     n = len(sig) - 1
+    reporter = Reporter("sampling", n, progress, cancel) if progress is not None else None
     for i in range(n):
         if cancel is not None and cancel():
-            from ..errors import Cancelled
-
             raise Cancelled("sampling was cancelled")
         s, s_next = float(sig[i]), float(sig[i + 1])
         x0 = call_denoiser(counter, x, s, cond)
@@ -115,4 +122,6 @@ def sample_ancestral(
         x = x_next
         if callback is not None:
             callback(StepInfo(i, n, x, x0, s, s_next))
+        if reporter is not None:
+            reporter.update(i + 1, f"step {i + 1}/{n}")
     return SampleResult(x, counter.rows - start_rows, counter.calls - start_calls, n, transitions)

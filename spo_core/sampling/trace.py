@@ -1,20 +1,30 @@
 """Render what the resampler did: one row per pooled step, the k candidates' decoded x0 in
-columns, the kept one outlined, each with its score."""
+columns, the kept one outlined in green, each with its score."""
 
 from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
+from ..errors import ConfigError
 from .resampler import ResampleResult
+
+CHOSEN = (90, 220, 120)
 
 
 def render_trace_grid(result: ResampleResult, prompt_index: int = 0, cell: int = 96, title: str | None = None) -> Image.Image:
-    """A PIL image of the pooled steps for one prompt (needs a trace run with keep_images=True)."""
+    """A PIL image of the pooled steps for one prompt (needs a run with keep_images=True).
+
+    Row label: the step (or the steps of a multi-step segment), the parent's timestep t and the
+    timestep the candidates were scored at. Under each candidate: its score; the chosen one is
+    outlined and its score drawn in green.
+    """
     rows = [r for r in result.trace if r.pooled and r.images is not None]
     if not rows:
-        raise ValueError("the trace holds no candidate images: run the resampler with keep_images=True")
-    k = rows[0].images.shape[0]
-    label_w, head_h, text_h, pad = 78, 22 if title else 4, 14, 4
+        raise ConfigError("the trace holds no candidate images: run the resampler with keep_images=True and k > 1")
+    k, batch = rows[0].images.shape[:2]
+    if not 0 <= prompt_index < batch:
+        raise ConfigError(f"prompt_index {prompt_index} is outside the batch of {batch}")
+    label_w, head_h, text_h, pad = 84, 22 if title else 4, 14, 4
     width = label_w + k * (cell + pad) + pad
     height = head_h + len(rows) * (cell + text_h + pad) + pad
     grid = Image.new("RGB", (width, height), (24, 24, 28))
@@ -23,8 +33,11 @@ def render_trace_grid(result: ResampleResult, prompt_index: int = 0, cell: int =
         draw.text((pad, 4), title[:120], fill=(230, 230, 230))
     for r_i, rec in enumerate(rows):
         y = head_h + r_i * (cell + text_h + pad)
-        draw.text((pad, y + cell // 2 - 12), f"step {rec.i}", fill=(220, 220, 220))
-        draw.text((pad, y + cell // 2 + 2), f"t={rec.t:.0f}", fill=(160, 160, 160))
+        step = f"step {rec.i}" if rec.steps == 1 else f"steps {rec.i}-{rec.i + rec.steps - 1}"
+        draw.text((pad, y + cell // 2 - 20), step, fill=(220, 220, 220))
+        draw.text((pad, y + cell // 2 - 6), f"t={rec.t:.0f}", fill=(160, 160, 160))
+        if rec.t_scored is not None:
+            draw.text((pad, y + cell // 2 + 8), f"scored {rec.t_scored:.0f}", fill=(130, 130, 130))
         chosen = int(rec.chosen[prompt_index])
         for c in range(k):
             x = label_w + c * (cell + pad)
@@ -32,8 +45,7 @@ def render_trace_grid(result: ResampleResult, prompt_index: int = 0, cell: int =
             tile = Image.fromarray(img).resize((cell, cell), Image.NEAREST)
             grid.paste(tile, (x, y))
             score = float(rec.scores[c, prompt_index])
-            color = (90, 220, 120) if c == chosen else (200, 200, 200)
             if c == chosen:
-                draw.rectangle([x - 2, y - 2, x + cell + 1, y + cell + 1], outline=(90, 220, 120), width=3)
-            draw.text((x + 2, y + cell + 1), f"{score:.3g}", fill=color)
+                draw.rectangle([x - 2, y - 2, x + cell + 1, y + cell + 1], outline=CHOSEN, width=3)
+            draw.text((x + 2, y + cell + 1), f"{score:.4g}", fill=CHOSEN if c == chosen else (200, 200, 200))
     return grid

@@ -1,0 +1,156 @@
+"""`spo sample`: sample a local diffusers model with the per-step resampler (or plainly, or best-of-N)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "sample", help="sample with the per-step resampler (k candidates per step, scored, one kept)",
+        description="Text to image on a local SD1.5/SD2/SDXL model with SPO's stochastic DDIM sampler. With --k > 1, "
+        "every step inside the window draws k candidates from the same x_t, scores their predicted x0 and keeps one "
+        "(greedy: the best; softmax: Feynman-Kac-style; random: SPO's continuation). --best-of N is the baseline: N "
+        "full samples, the best final image kept.")
+    p.add_argument("--model", required=True, help="diffusers folder or single-file SD1.5/SD2/SDXL checkpoint")
+    p.add_argument("--arch", help="architecture of a single-file checkpoint (sd15, sd2, sdxl); detected if omitted")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="merge a LoRA first (any format)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (SPO: 20, t = 951, 901, ..., 1)")
+    p.add_argument("--cfg", type=float, default=5.0, help="guidance scale (SPO uses 5)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta; > 0 so that candidates differ (SPO: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1, help="images (one batch, same prompt)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--k", type=int, default=4, help="candidates per step (1 = plain sampling)")
+    p.add_argument("--policy", choices=["greedy", "softmax", "random"], default="greedy")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax policy: temperature (1/lambda)")
+    p.add_argument("--window", default="0:751", help="parent timesteps where pools are drawn, LO:HI (SPO: 0:751)")
+    p.add_argument("--score-every", type=int, default=1, help="pool every n-th step inside the window")
+    p.add_argument("--inner-steps", type=int, default=0, help="multi-step segments: j steps per candidate before scoring")
+    p.add_argument("--best-of", type=int, default=0, metavar="N", help="baseline: best of N full samples instead")
+    p.add_argument("--scorer", help="scorer name (see `spo scorer list`); needed with --k > 1 or --best-of")
+    p.add_argument("--weights", help="scorer weights (file or folder)")
+    p.add_argument("--clip", help="aesthetic scorer: CLIP ViT-L/14 folder")
+    p.add_argument("--decoder", default="vae",
+                   help="how candidates are decoded for scoring: vae (full VAE), rgb (near-free linear approximation) "
+                        "or a local TAESD folder; the final image always uses the full VAE")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--out", default="spo_sample.png", help="output image (several images get _0, _1 ... suffixes)")
+    p.add_argument("--trace", metavar="PNG", help="also write the candidate grid (what was chosen at each step)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_sample)
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    from ..errors import ConfigError
+
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--window must be LO:HI timesteps (e.g. 0:751), got {text!r}") from None
+    return lo, hi
+
+
+def save_images(images, out: str, overwrite: bool) -> list[str]:
+    """[B,3,H,W] in [0,1] -> PNG files written atomically."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from ..safe_io import atomic_output
+
+    paths = []
+    base = Path(out)
+    for i, img in enumerate(images):
+        path = base if len(images) == 1 else base.with_name(f"{base.stem}_{i}{base.suffix or '.png'}")
+        arr = (img.detach().float().clamp(0, 1) * 255).round().to("cpu").numpy().astype(np.uint8).transpose(1, 2, 0)
+        with atomic_output(path, overwrite=overwrite, suffix=".png") as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
+        paths.append(str(path))
+    return paths
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..backends import DiffusersBackend
+    from ..errors import ConfigError, OutputExistsError
+    from ..lora.write import resolve_dtype
+    from ..progress import TqdmProgress
+    from ..sampling import ResamplerConfig
+
+    window = parse_window(args.window)
+    if args.k < 1:
+        raise ConfigError(f"--k must be at least 1, got {args.k}")
+    pooled = args.k > 1 or args.best_of > 1
+    config = ResamplerConfig(k=args.k if args.best_of <= 1 else 1, policy=args.policy, eta=args.eta,
+                             temperature=args.temperature, window=window, score_every=args.score_every,
+                             inner_steps=args.inner_steps, keep_images=bool(args.trace))
+    config.validate()  # eta = 0 with k > 1 and the like: say so before loading the model
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images must be at least 1, got {args.num_images}")
+    if pooled and not args.scorer:
+        from ..scorers import available_scorers
+
+        names = ", ".join(info.name for info in available_scorers())
+        raise ConfigError(f"--k {args.k} / --best-of need a scorer to rank candidates: --scorer NAME (one of {names}) "
+                          "and --weights PATH where it needs weights; or --k 1 for plain sampling")
+    for path in filter(None, [args.out, args.trace]):  # fail before minutes of sampling, not after
+        if Path(path).exists() and not args.overwrite:
+            raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
+    if args.trace and not (args.k > 1 and args.best_of <= 1):
+        raise ConfigError("--trace shows the per-step candidates: it needs --k > 1 (and no --best-of)")
+
+    backend = DiffusersBackend.from_pretrained(args.model, arch=args.arch, device=args.device, dtype=resolve_dtype(args.dtype))
+    for spec in args.lora:
+        _merge_lora(backend, spec)
+    scorer = None
+    if pooled:
+        from ..scorers import load_scorer  # lazily: the scorers package is only needed here
+
+        options = {"clip": args.clip} if args.clip else {}
+        scorer = load_scorer(args.scorer, args.weights, device=args.device, **options)
+    bar = TqdmProgress(disable=args.no_progress)
+    try:
+        out = backend.sample([args.prompt] * args.num_images, args.negative, steps=args.steps, guidance_scale=args.cfg,
+                             eta=args.eta, height=args.height, width=args.width, seed=args.seed, scorer=scorer,
+                             decode=args.decoder, config=config, best_of=args.best_of if args.best_of > 1 else 0,
+                             progress=bar)
+    finally:
+        bar.close()
+    paths = save_images(out.images, args.out, args.overwrite)
+    res = out.result
+    steps = len(out.sigmas) - 1
+    print(f"wrote {', '.join(paths)}: {steps} steps, {res.pooled_steps} pooled, "
+          f"{res.evaluations} denoiser evaluations ({res.evaluations / args.num_images / steps:.2f} per image-step)")
+    if args.trace:
+        from ..safe_io import atomic_output
+        from ..sampling.trace import render_trace_grid
+
+        grid = render_trace_grid(res, 0, title=args.prompt)
+        with atomic_output(args.trace, overwrite=args.overwrite, suffix=".png") as tmp:
+            grid.save(tmp, format="PNG")
+        print(f"wrote the candidate grid to {args.trace}")
+    return 0
+
+
+def _merge_lora(backend, spec: str) -> None:
+    from ..lora import merge_into_modules, read_lora
+
+    path, strength = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            path, strength = head, float(tail)
+        except ValueError:
+            pass  # a colon inside the path
+    lora = read_lora(path, arch=backend.module_table())
+    lora.require_clean(what=path)
+    pipe = backend.pipe
+    merge_into_modules({"unet": pipe.unet, "te1": pipe.text_encoder, "te2": getattr(pipe, "text_encoder_2", None)}, lora, strength)
