@@ -170,7 +170,7 @@ def progress_html(state: JobState) -> str:
     pct = round(100 * state.fraction())
     label = {"queued": "waiting for the GPU", "running": "running", "done": "done",
              "stopped": "stopped"}.get(state.status, state.status)
-    steps = f"{state.step}/{state.total}" if state.total else ""
+    steps = (f"{state.total}/{state.total}" if state.status == "done" else f"{state.step}/{state.total}") if state.total else ""
     msg = html.escape(state.message or "")
     extra = f" - {html.escape(state.error)}" if state.status == "stopped" and state.error else ""
     return (

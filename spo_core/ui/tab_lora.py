@@ -17,9 +17,9 @@ def build_lora_tab(host: UIHost) -> None:
         g.Markdown("Read any LoRA format (diffusers, PEFT, kohya/webui, LDM names, ComfyUI), convert it, extract one from "
                    "a fine-tuned checkpoint, merge one into a checkpoint. The `webui` format loads as `<lora:name:1>`.")
         with g.Tab("Inspect"):
-            src = file_picker(host, LORA, "LoRA file")
+            src = file_picker(host, LORA, "LoRA file", elem_id="spo_inspect_src")
             btn = g.Button("Inspect", variant="primary", elem_id="spo_inspect_btn")
-            status = status_box()
+            status = status_box(elem_id="spo_inspect_status")
             report = g.Textbox(label="report", lines=16, max_lines=60, interactive=False, elem_id="spo_inspect_report")
 
             def inspect(path):
@@ -30,7 +30,7 @@ def build_lora_tab(host: UIHost) -> None:
             btn.click(quick_handler("Inspect", inspect, 2), inputs=[src], outputs=[status, report], api_name="lora_inspect")
 
         with g.Tab("Convert"):
-            src = file_picker(host, LORA, "LoRA file")
+            src = file_picker(host, LORA, "LoRA file", elem_id="spo_convert_src")
             with g.Row():
                 fmt = g.Radio(FORMATS, value="webui", label="to format")
                 dtype = g.Dropdown(DTYPES, value="keep", label="dtype")
@@ -40,7 +40,7 @@ def build_lora_tab(host: UIHost) -> None:
                 overwrite = g.Checkbox(label="overwrite", value=False)
                 partial = g.Checkbox(label="allow a partial match", value=False)
             btn = g.Button("Convert", variant="primary", elem_id="spo_convert_btn")
-            status = status_box()
+            status = status_box(elem_id="spo_convert_status")
 
             def convert(path, fmt_, dtype_, name, over, allow):
                 p = host.resolve_input(LORA, path, "LoRA file")

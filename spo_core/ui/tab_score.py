@@ -45,7 +45,7 @@ def build_score_tab(host: UIHost) -> None:
         name, weights = scorer_inputs(host)
         timestep = g.Number(value=0, precision=0, label="timestep (step-aware scorers)")
         btn = g.Button("Score", variant="primary", elem_id="spo_score_btn")
-        status = status_box()
+        status = status_box(elem_id="spo_score_status")
         table = g.HTML(label="scores", elem_id="spo_score_table")
         gallery = g.Gallery(label="ranked", columns=4)
 

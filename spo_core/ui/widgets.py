@@ -28,13 +28,14 @@ def gradio_version() -> tuple[int, int]:
     return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
-def file_picker(host: UIHost, kind: str, label: str, placeholder: str = "path to a file or folder") -> Any:
+def file_picker(host: UIHost, kind: str, label: str, placeholder: str = "path to a file or folder",
+                elem_id: str | None = None) -> Any:
     """A typed path (standalone) or a dropdown of the host's model folders with a refresh button (WebUI)."""
     g = gr()
     if host.free_paths:
-        return g.Textbox(label=label, placeholder=placeholder, lines=1)
+        return g.Textbox(label=label, placeholder=placeholder, lines=1, elem_id=elem_id)
     with g.Row():
-        dd = g.Dropdown(choices=host.choices(kind), value=None, label=label, interactive=True)
+        dd = g.Dropdown(choices=host.choices(kind), value=None, label=label, interactive=True, elem_id=elem_id)
         refresh = g.Button("Refresh list")
     refresh.click(fn=lambda: g.update(choices=host.choices(kind)), inputs=None, outputs=dd)
     return dd
@@ -118,8 +119,8 @@ def g_update(**kwargs) -> Any:
     return gr().update(**kwargs)
 
 
-def status_box(label: str = "status") -> Any:
-    return gr().HTML(value="", label=label, elem_classes=["spo-status-box"])
+def status_box(label: str = "status", elem_id: str | None = None) -> Any:
+    return gr().HTML(value="", label=label, elem_id=elem_id, elem_classes=["spo-status-box"])
 
 
 def render_basic(state: JobState, result_formatter: Callable[[Any], Any] | None = None) -> tuple:

@@ -191,6 +191,20 @@ def tiny_model_dir(folder: Path) -> Path | None:
     return out
 
 
+def versions() -> dict:
+    """Versions and locations of the packages whose pins matter (a compat venv must shadow the base venv)."""
+    import importlib
+
+    out = {}
+    for name in ("gradio", "gradio_client", "fastapi", "pydantic", "huggingface_hub", "httpx", "starlette", "torch"):
+        try:
+            m = importlib.import_module(name)
+            out[name] = {"version": getattr(m, "__version__", "?"), "file": getattr(m, "__file__", "")}
+        except Exception as exc:  # noqa: BLE001
+            out[name] = {"version": None, "error": f"{type(exc).__name__}: {exc}"[:200]}
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
@@ -207,7 +221,9 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out_dir = work / "out"
     checks = Checks()
+    pins = versions()
     print(f"gradio {gradio.__version__}, python {sys.version.split()[0]}, work folder {work}", flush=True)
+    print("  " + ", ".join(f"{k} {v.get('version')}" for k, v in pins.items()), flush=True)
     assets = checks.run("assets", make_assets, work)
     demo = checks.run("build standalone Blocks", build_standalone, out_dir)
     checks.run("build WebUI tab + script (stub modules)", build_webui_tab, work / "webui-models")
@@ -230,7 +246,7 @@ def main(argv=None) -> int:
     failed = len(checks.results) - passed
     if args.json:
         Path(args.json).write_text(json.dumps({"gradio": gradio.__version__, "python": sys.version.split()[0],
-                                               "results": checks.results}, indent=2))
+                                               "versions": pins, "results": checks.results}, indent=2))
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 
