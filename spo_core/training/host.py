@@ -82,7 +82,7 @@ class DiffusersTrainingHost:
         self.default_size = int(backend.default_size)
         self._name = model_name
         self._hash = model_hash
-        self._checkpointing_was = bool(getattr(backend.unet, "gradient_checkpointing", False))
+        self._checkpointing_was = bool(getattr(backend.unet, "is_gradient_checkpointing", False))
 
     @classmethod
     def from_pipeline(cls, pipe, device=None, dtype=None, arch: str | None = None, **kw) -> "DiffusersTrainingHost":

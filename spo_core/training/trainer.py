@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import Cancelled, ConfigError, OutputExistsError, SPOError, TrainingDiverged
+from ..errors import Cancelled, ConfigError, InvalidTensorError, OutputExistsError, SPOError, TrainingDiverged
 from ..lora.model import LoRA
 from ..progress import CancelFn, ProgressEvent, ProgressFn, Reporter
 from . import checkpoint as ckpt
@@ -371,8 +371,9 @@ class Trainer:
                  f"resume=auto" if self.last_checkpoint else "no checkpoint was written yet")
         self.optimizer.zero_grad(set_to_none=True)
         self.log_event("diverged", value=value, what=what)
+        became = f"became {value}" if what in ("loss", "gradient norm") else "failed: NaN/inf values"
         raise TrainingDiverged(
-            f"the {what} became {value} at step {self.step + 1} ({self.cfg.method}); this step was not applied and "
+            f"the {what} {became} at step {self.step + 1} ({self.cfg.method}); this step was not applied and "
             f"training stopped. {where}. Try a lower learning_rate (now {self.cfg.learning_rate:g}), "
             f"mixed_precision=bf16 instead of fp16, or max_grad_norm=1.")
 
@@ -410,6 +411,9 @@ class Trainer:
                     except Cancelled:
                         self._restore(snap)
                         raise
+                    except InvalidTensorError as exc:  # NaN/inf met while sampling (e.g. an fp16 overflow)
+                        self._restore(snap)
+                        self._diverged(float("nan"), what=f"sampling ({exc})")
                     except Exception as exc:
                         if _is_oom(exc):
                             self._restore(snap)

@@ -185,6 +185,7 @@ class SPOSource:
         scores = torch.cat([r.scores.flatten() for r in res.trace if r.scores is not None]) if res.trace else torch.zeros(0)
         self.round_stats = {
             "round_pairs": float(len(items)),
+            "round_separate_parents": float(sum(p.x_t_lose is not None for p in local)),
             "score_margin": float(sum(margins) / len(margins)) if margins else float("nan"),
             "score_mean": float(scores.mean()) if scores.numel() else float("nan"),
             "score_std": float(scores.std()) if scores.numel() > 1 else float("nan"),
