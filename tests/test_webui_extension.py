@@ -391,3 +391,64 @@ def test_concurrent_jobs_wait_for_the_queue(webui):
     call_queue.queue_lock.release()
     t.join(5)
     assert order == ["generation done", "job"]
+
+
+class _LDMLike:
+    """An ldm-style sd_model over a tiny diffusers pipeline: apply_model(VP input, DDPM t, cond) -> eps."""
+
+    is_sd1, is_sd2, is_sdxl = True, False, False
+    parameterization = "eps"
+
+    def __init__(self, stub_model):
+        self.backend = stub_model.backend
+        self.model = types.SimpleNamespace(diffusion_model=self.backend.unet)
+        self.alphas_cumprod = self.backend.pipe.scheduler.alphas_cumprod
+        self.scale_factor = 0.18215
+        self.sd_checkpoint_info = types.SimpleNamespace(title="tiny [stub]", name_for_extra="tiny", sha256="ab" * 32)
+
+    def apply_model(self, x, t, cond):
+        return self.backend.unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    def get_learned_conditioning(self, prompts):
+        ids = self.backend.pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                                          return_tensors="pt").input_ids
+        return self.backend.pipe.text_encoder(ids)[0]
+
+    def decode_first_stage(self, z):
+        return self.backend.decode(z) * 2 - 1
+
+
+def test_training_host_denoiser_matches_diffusers(webui, tiny_model):
+    """The WebUI training host's x0 (VP scaling, DDPM timestep, CFG, cond rows) equals the diffusers
+    backend's denoiser on the same UNet; conditioning, decoding and LoRA-reset behave."""
+    webui.install()
+    from spo_core.sampling import TensorConditioning
+    from spo_webui.training import WebUITrainingHost
+
+    sd = _LDMLike(tiny_model)
+    sys.modules["networks"] = types.SimpleNamespace(loaded_networks=["some_lora"])
+    try:
+        host = WebUITrainingHost(sd)
+        assert sys.modules["networks"].loaded_networks == []  # the base weights come back on the next forward
+    finally:
+        del sys.modules["networks"]
+    assert host.arch == "sd15" and host.default_size == 512 and host.model_info()["hash"] == "ab" * 32
+    cond = host.encode_prompts(["a red cube", "a blue ball"], negative_prompt="blurry")
+    ref_cond = tiny_model.backend.encode_prompts(["a red cube", "a blue ball"], negative_prompt=["blurry", "blurry"])
+    torch.testing.assert_close(cond.tensors["c"], ref_cond["cond"])
+    torch.testing.assert_close(cond.tensors["u"], ref_cond["uncond"])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 3
+    sigma = torch.tensor([2.5, 0.7])
+    with torch.no_grad():
+        got = host.denoiser(5.0)(x, sigma, cond)
+        want = tiny_model.backend.denoiser(5.0)(x, sigma, ref_cond)
+        rows = host.denoiser(5.0)(x[[1, 1]], sigma[[1, 1]], cond.take(torch.tensor([1, 1])))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows[0], want[1], atol=1e-5, rtol=1e-5)
+    # differentiable: gradients reach the input
+    xg = x.clone().requires_grad_(True)
+    host.denoiser(1.0)(xg, sigma, cond).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    img = host.decode(x[:1] * 0.1)
+    assert img.shape == (1, 3, 32, 32) and 0 <= float(img.min()) and float(img.max()) <= 1
+    assert host.latent_shape(2) == (2, 4, 64, 64)

@@ -41,7 +41,7 @@ def run_sampling(backend, settings: SampleSettings, scorer, progress=None, cance
     if not settings.prompt.strip():
         raise ConfigError("the prompt is empty: type what the image should show")
     size = int(settings.size) or None
-    cond = backend.encode_prompts([settings.prompt], settings.negative or None, size, size)
+    cond = backend.encode_prompts([settings.prompt], [settings.negative] if settings.negative else None, size, size)
     sched = backend.schedule
     steps = int(settings.steps)
     sigmas = sched.spo_sigmas(steps) if settings.schedule.startswith("SPO") else sched.karras_sigmas(steps)

@@ -68,6 +68,17 @@ class WebUIHost(UIHost):
         folder.mkdir(parents=True, exist_ok=True)
         return folder / (clean_output_name(name) + ("" if suffix == "/" else suffix))
 
+    def training_dir(self, name: str) -> Path:
+        """Checkpoints, log, curves and previews of a run: <webui data>/outputs/spo-train/<name>."""
+        from spo_core.ui.host import clean_output_name
+
+        return webui.data_path() / "outputs" / "spo-train" / clean_output_name(name)
+
+    def training_host(self, **options) -> Any:
+        from .training import WebUITrainingHost
+
+        return WebUITrainingHost()
+
     def after_write(self, kind: str, path: Path) -> str:
         try:
             if kind == LORA:

@@ -22,6 +22,14 @@ def models_path() -> Path:
     return Path(paths.models_path)
 
 
+def data_path() -> Path:
+    """The WebUI's data folder (`--data-dir`, else its root)."""
+    from modules import paths
+
+    value = getattr(paths, "data_path", None)
+    return Path(value) if value else models_path().parent
+
+
 def lora_dir() -> Path:
     """`--lora-dir` (added by the built-in Lora extension's preload), else models/Lora."""
     from modules import shared
