@@ -30,6 +30,9 @@ EXPECTED = {
     "SPOExtractLoRAFromFiles": ("Extract LoRA (from checkpoint files)", ["STRING", "STRING"]),
     "SPOLoadScorer": ("Load Step-Aware Scorer", ["SPO_SCORER", "STRING"]),
     "SPOScoreImages": ("Score Images", ["FLOAT", "STRING", "IMAGE"]),
+    "SPOPerStepResampler": ("SPO Per-Step Resampler", ["SAMPLER", "SPO_TRACE"]),
+    "SPOResampling": ("SPO Resampling", ["MODEL", "SPO_TRACE"]),
+    "SPOCandidateGrid": ("SPO Candidate Grid", ["IMAGE"]),
 }
 
 
@@ -430,3 +433,114 @@ def test_prompt_is_required_by_prompt_scorers(pack):
 
     with pytest.raises(ConfigError, match="enter the prompt"):
         pack.run("SPOScoreImages", images=_images(2), prompt="  ", scorer=NeedsPrompt(), timestep=0)
+
+
+# -- Resampler ----------------------------------------------------------------------------------
+
+RESAMPLER_OPTIONS = dict(prompt="a cat", k=3, policy="greedy", eta=1.0, window_t_min=0, window_t_max=999, score_every=1,
+                         temperature=1.0, lookahead_steps=0)
+
+
+class _ModelSampling:
+    def __init__(self):
+        from spo_core.sampling import NoiseSchedule
+
+        self.sigmas = NoiseSchedule.scaled_linear().sigmas.float()
+
+
+class _Base:
+    model_sampling = _ModelSampling()
+
+    @staticmethod
+    def process_latent_out(x):
+        return x / 0.18215
+
+
+class _Guider:
+    inner_model = _Base()
+
+
+class _ModelK:
+    """What a ComfyUI sampler function gets: model(x, sigma, **extra_args) -> x0 (here x0 = x / (1 + sigma^2))."""
+
+    inner_model = _Guider()
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, sigma, denoise_mask=None, model_options=None, seed=None):
+        self.calls.append((x.shape[0], float(sigma[0])))
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+
+class _VAE:
+    def decode(self, latents):
+        return torch.sigmoid(latents[:, :3]).movedim(1, -1).repeat_interleave(2, 1).repeat_interleave(2, 2)
+
+
+def _jpeg():
+    from spo_core.scorers import load_scorer
+
+    return load_scorer("jpeg_compressibility")
+
+
+def test_resampler_node_gives_a_ksampler_running_the_core_resampler(pack):
+    from spo_core.sampling import NoiseSchedule
+
+    (sampler, trace), _ = pack.run("SPOPerStepResampler", scorer=_jpeg(), vae=_VAE(), **RESAMPLER_OPTIONS)
+    import comfy.samplers
+
+    assert isinstance(sampler, comfy.samplers.KSAMPLER)
+    opts = sampler.extra_options["spo"]
+    assert opts.config.k == 3 and opts.config.window == (0.0, 999.0) and opts.trace is trace
+    sigmas = NoiseSchedule.scaled_linear().ddim_sigmas(5, final="zero")
+    x = torch.randn(2, 4, 8, 8) * float(sigmas[0])
+    model, steps = _ModelK(), []
+    out = sampler.sampler_function(model, x, sigmas, extra_args={"seed": 7, "denoise_mask": None, "model_options": {}},
+                                   callback=steps.append, disable=True, **sampler.extra_options)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert [c[0] for c in model.calls] == [2] + [6] * 4  # one batch of k*B rows per pool
+    assert [d["i"] for d in steps] == [0, 1, 2, 3, 4] and set(steps[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+    assert trace.runs == 1 and sum(r.pooled for r in trace.result.trace) == 4
+    model2 = _ModelK()
+    again = sampler.sampler_function(model2, x, sigmas, extra_args={"seed": 7, "denoise_mask": None, "model_options": {}},
+                                     callback=None, disable=True, **sampler.extra_options)
+    torch.testing.assert_close(again, out)
+    grid, = pack.run("SPOCandidateGrid", trace=trace, samples={"samples": out}, cell_size=32)[0]
+    assert grid.shape[0] == 2 and grid.shape[-1] == 3
+
+
+def test_resampler_refuses_a_noise_mask_with_batch_above_one(pack):
+    from spo_core.sampling import NoiseSchedule
+
+    (sampler, _), _ = pack.run("SPOPerStepResampler", scorer=_jpeg(), vae=_VAE(), **RESAMPLER_OPTIONS)
+    sigmas = NoiseSchedule.scaled_linear().ddim_sigmas(3, final="zero")
+    with pytest.raises(ConfigError, match="batch size 1 only"):
+        sampler.sampler_function(_ModelK(), torch.randn(2, 4, 8, 8), sigmas,
+                                 extra_args={"seed": 0, "denoise_mask": torch.ones(2, 4, 8, 8)}, **sampler.extra_options)
+
+
+def test_resampler_settings_that_cannot_work_fail_in_the_node(pack):
+    with pytest.raises(ConfigError, match="eta = 0"):
+        pack.run("SPOPerStepResampler", scorer=_jpeg(), vae=_VAE(), **{**RESAMPLER_OPTIONS, "eta": 0.0})
+    with pytest.raises(ConfigError, match="above window_t_max"):
+        pack.run("SPOPerStepResampler", scorer=_jpeg(), vae=_VAE(), **{**RESAMPLER_OPTIONS, "window_t_min": 800, "window_t_max": 100})
+    (_, trace), _ = pack.run("SPOPerStepResampler", scorer=_jpeg(), vae=_VAE(), **RESAMPLER_OPTIONS)
+    with pytest.raises(ConfigError, match="no candidate pools"):  # the grid before any sampling run
+        pack.run("SPOCandidateGrid", trace=trace, samples={}, cell_size=32)
+
+
+def test_resampling_patch_wraps_sampler_sample_and_loads_scorer_with_the_model(pack):
+    import comfy.patcher_extension
+
+    class Managed:
+        patcher = object()
+        needs_prompt = False
+        name = "m"
+
+    model = fakes.fake_model("sd15", fakes.unet_modules("sd15", limit=1))
+    (patched, trace), _ = pack.run("SPOResampling", model=model, scorer=Managed(), vae=_VAE(), **RESAMPLER_OPTIONS)
+    assert patched is not model and model.wrappers == {}
+    wrappers = patched.wrappers[comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE]["spo_resampler"]
+    assert len(wrappers) == 1 and callable(wrappers[0])
+    assert patched.additional_models["spo_resampler"] == [Managed.patcher]

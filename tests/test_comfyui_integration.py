@@ -134,3 +134,107 @@ def test_converted_lora_loads_in_the_stock_lora_loader_without_warnings(comfy):
                                   strength_model=1.0, strength_clip=1.0)
     assert _lora_warnings(comfy) == []
     assert len(new_model.patches) == len([m for m in load_table("sdxl").select(("unet",), ["attn"]) if m.name.endswith(SPO_ATTN)])
+
+
+# -- the per-step resampler in real workflows -------------------------------------------------------
+
+STEPS = 5  # ddim_uniform gives exactly 5 steps in KSampler and BasicScheduler alike (6 would give 7 vs 6)
+
+
+def _graph(sampler: str, k: int = 3, batch: int = 2, seed: int = 42, eta: float = 1.0, mask: bool = False,
+           window=(0, 999), policy: str = "greedy") -> dict:
+    """API-format workflow: tiny model/VAE/conds, a JPEG scorer, and the resampler through SamplerCustom
+    ("custom"), the stock KSampler with the SPO Resampling patch ("ksampler"), or stock euler_ancestral
+    ("reference")."""
+    options = {"scorer": ["6", 0], "vae": ["2", 0], "prompt": "a red apple", "k": k, "policy": policy, "eta": eta,
+               "window_t_min": window[0], "window_t_max": window[1], "score_every": 1, "temperature": 1.0,
+               "lookahead_steps": 0}
+    g = {
+        "1": {"class_type": "SPOTest_TinyModel", "inputs": {"seed": 0, "sdxl": False}},
+        "2": {"class_type": "SPOTest_TinyVAE", "inputs": {"seed": 0}},
+        "3": {"class_type": "SPOTest_TinyCond", "inputs": {"seed": 1, "sdxl": False}},
+        "4": {"class_type": "SPOTest_TinyCond", "inputs": {"seed": 2, "sdxl": False}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "6": {"class_type": "SPOLoadScorer", "inputs": {"scorer": "jpeg_compressibility", "weights": "(none)",
+                                                         "device": "auto", "dtype": "auto"}},
+        "8": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "ddim_uniform", "steps": STEPS, "denoise": 1.0}},
+    }
+    latent = ["5", 0]
+    if mask:
+        g["12"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
+        g["13"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["12", 0]}}
+        latent = ["13", 0]
+    if sampler in ("custom", "reference"):
+        if sampler == "custom":
+            g["7"] = {"class_type": "SPOPerStepResampler", "inputs": options}
+        else:
+            g["7"] = {"class_type": "SamplerEulerAncestral", "inputs": {"eta": eta, "s_noise": 1.0}}
+        g["9"] = {"class_type": "SamplerCustom", "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": seed, "cfg": 2.0,
+                                                             "positive": ["3", 0], "negative": ["4", 0], "sampler": ["7", 0],
+                                                             "sigmas": ["8", 0], "latent_image": latent}}
+    else:
+        g["7"] = {"class_type": "SPOResampling", "inputs": {"model": ["1", 0], **options}}
+        g["9"] = {"class_type": "KSampler", "inputs": {"model": ["7", 0], "seed": seed, "steps": STEPS, "cfg": 2.0,
+                                                       "sampler_name": "euler", "scheduler": "ddim_uniform", "positive": ["3", 0],
+                                                       "negative": ["4", 0], "latent_image": latent, "denoise": 1.0}}
+    g["10"] = {"class_type": "SPOTest_Capture", "inputs": {"value": ["9", 0], "key": "latent"}}
+    if sampler != "reference" and k > 1:
+        g["11"] = {"class_type": "SPOCandidateGrid", "inputs": {"trace": ["7", 1], "samples": ["9", 0], "cell_size": 48}}
+        g["14"] = {"class_type": "SPOTest_Capture", "inputs": {"value": ["11", 0], "key": "grid"}}
+        g["15"] = {"class_type": "SPOTest_Capture", "inputs": {"value": ["7", 1], "key": "trace"}}
+    return g
+
+
+def _sample(comfy, **kw):
+    comfy.captured.clear()
+    comfy.progress.clear()
+    comfy.run(_graph(**kw))
+    return dict(comfy.captured)
+
+
+def test_resampler_with_one_candidate_is_comfyuis_euler_ancestral(comfy):
+    """k = 1: the resampler is plain DDIM(eta) = Euler ancestral; same seed, same noise stream, same latent."""
+    ours = _sample(comfy, sampler="custom", k=1)["latent"]["samples"]
+    ref = _sample(comfy, sampler="reference")["latent"]["samples"]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_resampler_through_sampler_custom_pools_scores_and_reports_progress(comfy):
+    out = _sample(comfy, sampler="custom", k=3, batch=2)
+    latent, grid, trace = out["latent"]["samples"], out["grid"], out["trace"]
+    assert latent.shape == (2, 4, 8, 8) and torch.isfinite(latent).all()
+    pooled = [r for r in trace.result.trace if r.pooled]
+    assert len(pooled) == STEPS - 1  # every step but the last (to sigma 0) inside the window
+    for r in pooled:  # greedy keeps the best-scoring candidate of each prompt
+        assert torch.equal(r.chosen, r.scores.argmax(0))
+    assert trace.result.evaluations == 2 * (1 + 3 * (STEPS - 1))  # k rows per pool instead of 1
+    assert grid.shape[0] == 2 and grid.shape[-1] == 3 and 0 <= float(grid.min()) and float(grid.max()) <= 1
+    sampler_progress = [p for p in comfy.progress if p[0] == "9"]
+    assert [p[1] for p in sampler_progress] == list(range(1, STEPS + 1)) and sampler_progress[-1][2] == STEPS
+    assert any(p[3] for p in sampler_progress)  # live previews
+    again = _sample(comfy, sampler="custom", k=3, batch=2)["latent"]["samples"]
+    torch.testing.assert_close(again, latent)  # seeded
+    other = _sample(comfy, sampler="custom", k=3, batch=2, seed=43)["latent"]["samples"]
+    assert not torch.allclose(other, latent)
+
+
+def test_stock_ksampler_with_spo_resampling_patch_equals_sampler_custom(comfy):
+    custom = _sample(comfy, sampler="custom", k=3, batch=2)["latent"]["samples"]
+    out = _sample(comfy, sampler="ksampler", k=3, batch=2)
+    torch.testing.assert_close(out["latent"]["samples"], custom)
+    assert out["grid"].shape[0] == 2
+    assert [p[1] for p in comfy.progress if p[0] == "9"] == list(range(1, STEPS + 1))
+
+
+def test_noise_mask_with_batch_above_one_is_a_clear_error_and_the_queue_goes_on(comfy):
+    comfy.captured.clear()
+    result = comfy.run(_graph(sampler="custom", k=3, batch=2, mask=True), expect_success=False)
+    assert not result["success"]
+    assert "noise mask works with batch size 1 only" in result["error"]["exception_message"]
+    out = _sample(comfy, sampler="custom", k=3, batch=1, mask=True)  # batch 1 with a mask works
+    assert out["latent"]["samples"].shape == (1, 4, 8, 8)
+
+
+def test_eta_zero_with_several_candidates_is_refused_in_the_node(comfy):
+    result = comfy.run(_graph(sampler="custom", k=3, eta=0.0), expect_success=False)
+    assert "eta = 0 makes every step deterministic" in result["error"]["exception_message"]

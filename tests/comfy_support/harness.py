@@ -93,11 +93,17 @@ class ComfyHarness:
         comfy.utils.set_progress_bar_global_hook(self._hook)
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         self.pack_loaded = asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
+        self.captured: dict = {}
+        register_test_nodes(self)
         return self
 
     def _hook(self, value, total, preview, prompt_id=None, node_id=None):
         import comfy.model_management
+        from comfy_execution.utils import get_executing_context
 
+        context = get_executing_context()
+        if node_id is None and context is not None:
+            node_id = context.node_id
         self.progress.append((node_id, value, total, preview is not None))
         if self.interrupt_after is not None and len(self.progress) >= self.interrupt_after:
             self.interrupt_after = None
@@ -138,6 +144,61 @@ class ComfyHarness:
             raise AssertionError(f"workflow failed: {err.get('exception_type')}: {err.get('exception_message')}\n"
                                  + "".join(err.get("traceback", [])))
         return result
+
+
+# -- test-only nodes: tiny models into workflows, values out of them -------------------------------
+
+
+def register_test_nodes(h: "ComfyHarness") -> None:
+    import nodes
+
+    class TinyModel:
+        @classmethod
+        def INPUT_TYPES(cls):  # noqa: N802
+            return {"required": {"seed": ("INT", {"default": 0}), "sdxl": ("BOOLEAN", {"default": False})}}
+
+        RETURN_TYPES, FUNCTION, CATEGORY = ("MODEL",), "make", "testing"
+
+        def make(self, seed, sdxl):
+            return (tiny_model(seed, sdxl),)
+
+    class TinyVAE:
+        @classmethod
+        def INPUT_TYPES(cls):  # noqa: N802
+            return {"required": {"seed": ("INT", {"default": 0})}}
+
+        RETURN_TYPES, FUNCTION, CATEGORY = ("VAE",), "make", "testing"
+
+        def make(self, seed):
+            return (tiny_vae(seed),)
+
+    class TinyCond:
+        @classmethod
+        def INPUT_TYPES(cls):  # noqa: N802
+            return {"required": {"seed": ("INT", {"default": 0}), "sdxl": ("BOOLEAN", {"default": False})}}
+
+        RETURN_TYPES, FUNCTION, CATEGORY = ("CONDITIONING",), "make", "testing"
+
+        def make(self, seed, sdxl):
+            return (tiny_cond(1, seed=seed, sdxl=sdxl),)
+
+    class Capture:
+        @classmethod
+        def INPUT_TYPES(cls):  # noqa: N802
+            return {"required": {"value": (CAPTURE_TYPES, {}), "key": ("STRING", {"default": "out"})}}
+
+        RETURN_TYPES, FUNCTION, CATEGORY, OUTPUT_NODE = (), "capture", "testing", True
+
+        def capture(self, value, key):
+            h.captured[key] = value
+            return ()
+
+    for name, cls in (("SPOTest_TinyModel", TinyModel), ("SPOTest_TinyVAE", TinyVAE), ("SPOTest_TinyCond", TinyCond),
+                      ("SPOTest_Capture", Capture)):
+        nodes.NODE_CLASS_MAPPINGS[name] = cls
+
+
+CAPTURE_TYPES = "LATENT,IMAGE,STRING,FLOAT,MODEL,CLIP,SPO_TRACE,SAMPLER"
 
 
 # -- tiny models built in code (no downloads) ---------------------------------------------------
