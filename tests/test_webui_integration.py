@@ -1,0 +1,182 @@
+"""Against a real AUTOMATIC1111 or Forge checkout (WEBUI_PATH; skipped otherwise).
+
+The WebUI is started on CPU with `--api`, a private `--data-dir` (the extension is linked into its
+`extensions/` with install.py) and a random-weight SD1.5 checkpoint, then:
+1. the SPO sampler, script and tab are registered (/sdapi/v1/samplers, /sdapi/v1/scripts);
+2. txt2img with `<lora:spo_test:1>`, a LoRA written by our trainer's LoRA network and writer,
+   is applied: its hash is in the infotext and the console shows no LoRA error;
+3. txt2img with the SPO sampler and `alwayson_scripts` options runs and records them.
+
+    WEBUI_PATH=/path/to/stable-diffusion-webui [WEBUI_PYTHON=.../venv/bin/python] pytest tests/test_webui_integration.py
+
+The WebUI must be able to start offline: its `repositories/` present, its requirements installed,
+and (A1111) the openai/clip-vit-large-patch14 config and tokenizer in the HF cache (this test
+writes them into a private HF_HOME, built offline from open_clip's vocabulary). A1111 uses its
+random-weight `test/test_files/empty.pt`; Forge needs a real-layout SD1.5 file (WEBUI_CKPT).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.webui, pytest.mark.slow]
+
+WEBUI = os.environ.get("WEBUI_PATH")
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLER = "SPO Euler a (k candidates)"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _call(url: str, payload: dict | None = None, timeout: float = 600) -> dict | list:
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="POST" if payload is not None else "GET")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        body = r.read()
+    return json.loads(body) if body else {}
+
+
+def _is_forge(webui: Path) -> bool:
+    return (webui / "modules_forge").is_dir()
+
+
+def write_clip_cache(hf_home: Path) -> None:
+    """openai/clip-vit-large-patch14's config.json and tokenizer files, made offline, in an HF cache."""
+    from spo_core.clip_tokenizer import load_clip_tokenizer
+
+    snap = hf_home / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True, exist_ok=True)
+    (snap.parents[1] / "refs").mkdir(exist_ok=True)
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    load_clip_tokenizer().save_pretrained(str(snap))
+    text = json.loads((ROOT / "spo_core" / "configs" / "sd15" / "text_encoder" / "config.json").read_text())
+    text = {k: v for k, v in text.items() if k not in ("architectures", "_name_or_path", "torch_dtype")}
+    config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 768, "text_config": text,
+              "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                                "num_hidden_layers": 24, "patch_size": 14, "image_size": 224, "projection_dim": 768}}
+    (snap / "config.json").write_text(json.dumps(config))
+
+
+def trained_lora(path: Path) -> Path:
+    """A LoRA from our trainer's LoRA network (injected into a real-size SD1.5 UNet) and its writer."""
+    import torch
+
+    from spo_core.lora import load_table, save_lora
+    from spo_core.testing import real_unet
+    from spo_core.training import LoRARoot, inject_lora
+
+    table = load_table("sd15")
+    unet = real_unet("sd15", device="cpu", dtype=torch.float32)
+    net = inject_lora(LoRARoot(unet, "diffusers", ""), table, "attn", 4, 4.0, "gaussian", 0, device=torch.device("cpu"))
+    with torch.no_grad():
+        for b in net.branches.values() if isinstance(net.branches, dict) else net.branches:
+            up = getattr(b, "up", None)
+            if isinstance(up, torch.nn.Module):
+                up.weight.normal_(0, 1e-3)
+    lora = net.to_lora()
+    net.detach()
+    save_lora(lora, path, fmt="webui", title=path.stem)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not WEBUI:
+        pytest.skip("set WEBUI_PATH to an AUTOMATIC1111 or Forge checkout to run the WebUI integration tests")
+    webui = Path(WEBUI).resolve()
+    python = os.environ.get("WEBUI_PYTHON") or str(webui / "venv" / "bin" / "python")
+    if not Path(python).exists():
+        python = sys.executable
+    data = tmp_path_factory.mktemp("webui-data")
+    (data / "extensions").mkdir()
+    (data / "models" / "Lora").mkdir(parents=True)
+    (data / "models" / "SPO").mkdir(parents=True)
+    sys.path.insert(0, str(ROOT))
+    import install
+
+    install.link_webui_extension(str(data))
+    trained_lora(data / "models" / "Lora" / "spo_test.safetensors")
+    hf_home = data / "hf"
+    write_clip_cache(hf_home)
+    forge = _is_forge(webui)
+    ckpt = os.environ.get("WEBUI_CKPT") or str(webui / "test" / "test_files" / "empty.pt")
+    port = _port()
+    args = [python, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--no-half", "--precision", "full",
+            "--api", "--api-server-stop", "--do-not-download-clip", "--disable-opt-split-attention", "--port", str(port),
+            "--data-dir", str(data), "--ckpt", ckpt, "--lora-dir", str(data / "models" / "Lora"),
+            "--always-cpu" if forge else "--use-cpu", *([] if forge else ["all"])]
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               GRADIO_ANALYTICS_ENABLED="False", IGNORE_CMD_ARGS_ERRORS="1")
+    env.pop("PYTHONPATH", None)
+    log_path = data / "webui.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(args, cwd=webui, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + float(os.environ.get("WEBUI_START_TIMEOUT", "600"))
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the WebUI exited with {proc.returncode}:\n{log_path.read_text()[-6000:]}")
+        try:
+            _call(url + "/sdapi/v1/samplers", timeout=5)
+            break
+        except Exception:
+            time.sleep(2)
+    else:
+        proc.kill()
+        pytest.fail(f"the WebUI did not start in time:\n{log_path.read_text()[-6000:]}")
+    yield {"url": url, "log": log_path, "forge": forge, "data": data}
+    try:
+        _call(url + "/sdapi/v1/server-stop", {}, timeout=10)
+        proc.wait(30)
+    except Exception:
+        proc.kill()
+    log.close()
+
+
+def test_extension_registered(server):
+    samplers = [s["name"] for s in _call(server["url"] + "/sdapi/v1/samplers")]
+    assert SAMPLER in samplers
+    scripts = _call(server["url"] + "/sdapi/v1/scripts")
+    assert "spo sampler" in scripts["txt2img"] and "spo sampler" in scripts["img2img"]
+    options = _call(server["url"] + "/sdapi/v1/options")
+    assert options.get("spo_default_k") == 4
+
+
+def test_txt2img_applies_our_lora(server):
+    _call(server["url"] + "/sdapi/v1/refresh-loras", {})
+    loras = [x["name"] for x in _call(server["url"] + "/sdapi/v1/loras")]
+    assert "spo_test" in loras
+    r = _call(server["url"] + "/sdapi/v1/txt2img", {"prompt": "a red cube <lora:spo_test:1>", "steps": 2, "width": 64,
+                                                    "height": 64, "sampler_name": "Euler a", "seed": 1})
+    info = json.loads(r["info"])
+    text = info["infotexts"][0]
+    log = server["log"].read_text()
+    assert "Networks with errors" not in text and "Networks with errors" not in log
+    assert "Could not find a module type" not in log and "Lora not found" not in log
+    if not server["forge"]:
+        assert "Lora hashes: \"spo_test" in text or "spo_test:" in text, text
+
+
+def test_txt2img_with_the_spo_sampler(server):
+    args = [2, "greedy", 0, 999, "jpeg_compressibility", "None", 1]
+    r = _call(server["url"] + "/sdapi/v1/txt2img", {
+        "prompt": "a red cube", "steps": 3, "width": 64, "height": 64, "sampler_name": SAMPLER, "seed": 7, "batch_size": 2,
+        "alwayson_scripts": {"spo sampler": {"args": args}}})
+    info = json.loads(r["info"])
+    text = info["infotexts"][0]
+    assert f"Sampler: {SAMPLER}" in text and "SPO k: 2" in text and "SPO scorer: jpeg_compressibility" in text, text
+    assert len(r["images"]) == 2
