@@ -41,6 +41,13 @@ class TrainConfig:
     seed: int = _f(42, "seed of every random draw (init, sampling, noise, data order)")
     overwrite: bool = _f(False, "replace an existing output LoRA, log and checkpoints")
     resume: str | None = _f(None, "'auto' (latest checkpoint in output_dir) or a checkpoint folder")
+    # -- model (the CLI and standalone app; hosts pass their own model) ---------------------------
+    model: str | None = _f(None, "diffusers model folder or single-file checkpoint (.safetensors/.ckpt)", "model")
+    arch: str | None = _f(None, "architecture of a single-file checkpoint: sd15, sd2 or sdxl (default: detected)", "model")
+    vae: str | None = _f(None, "another VAE (folder or file), e.g. SDXL's fp16-fix VAE", "model")
+    device: str | None = _f(None, "cuda, cuda:1, mps or cpu (default: cuda when available)", "model")
+    model_dtype: str = _f("auto", "dtype of the model weights: auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16", "model",
+                          choices=("auto", "fp32", "fp16", "bf16"))
     # -- data -------------------------------------------------------------------------------
     prompts: str | None = _f(None, "prompt file: .txt (one per line), .json list, .jsonl, or SPO's 4k-prompts JSON", "data")
     prompt_list: list = _f([], "prompts given inline (used when no prompt file)", "data")
@@ -177,10 +184,11 @@ class TrainConfig:
             raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
         cfg = dataclasses.replace(base) if base is not None else cls()
         preset = flat.get("preset")
-        if preset:
+        if preset and not cfg.preset:  # a preset already applied (e.g. --preset) wins over the file's
             cfg = apply_preset(cfg, preset)
         for k, v in flat.items():
-            setattr(cfg, k, _coerce(cls, k, v))
+            if k != "preset":
+                setattr(cfg, k, _coerce(cls, k, v))
         return cfg
 
     @classmethod
@@ -267,7 +275,7 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
 
 # -- command-line flags --------------------------------------------------------------------------
 
-RESUME_SAFE = {"max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_prompts",
+RESUME_SAFE = {"device", "model_dtype", "model", "vae", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_prompts",
                "validation_seeds", "log_every", "resume", "overwrite", "output_name", "lora_format", "save_dtype",
                "output_dir", "scorer_path", "prompts", "pairs", "preset"}
 
@@ -292,11 +300,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text)
 
 
-def from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """Flags given on the command line override the base config (file and preset)."""
+def from_args(args: argparse.Namespace, base: TrainConfig | None = None, preset: bool = True) -> TrainConfig:
+    """Flags given on the command line override the base config. `preset`: apply --preset first
+    (pass False when the base was built on it already: preset < config file < flags)."""
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     preset_name = getattr(args, "preset", None)
-    if preset_name:
+    if preset_name and preset:
         cfg = apply_preset(cfg, preset_name)
     for f in fields(TrainConfig):
         v = getattr(args, f.name, None)

@@ -125,6 +125,7 @@ class Trainer:
             gathered = self.dist.gather_objects(items)
             items = [it for part in gathered for it in part]
             items = items[:len(items) - len(items) % self.world]
+        self.last_gathered = len(items)
         perm = torch.randperm(len(items), generator=shuffle_gen).tolist()
         items = [items[i] for i in perm]
         return items[self.rank::self.world]

@@ -190,7 +190,8 @@ class SPOSource:
             "score_mean": float(scores.mean()) if scores.numel() else float("nan"),
             "score_std": float(scores.std()) if scores.numel() > 1 else float("nan"),
         }
-        ctx.log_event("round", pairs=len(items), local_pairs=len(local), prompts=len(prompts), **self.round_stats)
+        ctx.log_event("round", pairs=len(items), local_pairs=len(local), gathered=getattr(ctx, "last_gathered", len(items)),
+                      prompts=len(prompts), **self.round_stats)
         self.buffer.extend(items)
         return len(items)
 

@@ -1,0 +1,127 @@
+"""`spo train`: train a LoRA with SPO, Diffusion-DPO, NCP-DPO or DDPO on a local diffusers model.
+
+    spo train --model ./sd15 --preset sd15 --prompts prompts.txt --scorer spm --scorer-path spm.safetensors
+    spo train --config run.toml                    # every setting also a flag; flags override the file
+    spo train --config run.toml --resume auto      # continue the run in output_dir
+    accelerate launch --multi_gpu --num_processes 2 -m spo_core train --config run.toml
+
+Ctrl-C stops at the next safe point and saves a checkpoint and the LoRA (press twice to abort).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    from ..training.config import add_arguments
+
+    p = subparsers.add_parser(
+        "train", help="train a LoRA (SPO, Diffusion-DPO, NCP-DPO, DDPO) on a local SD1.5/SDXL model",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML or JSON file of settings (sections like [lora] are allowed)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def _device(cfg_device: str | None):
+    import os
+
+    import torch
+
+    if cfg_device:
+        dev = torch.device(cfg_device)
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda")
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        dev = torch.device("mps")
+    else:
+        dev = torch.device("cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dev.type == "cuda" and dev.index is None and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import Cancelled, ConfigError
+    from ..training.config import TrainConfig, apply_preset, from_args
+
+    base = apply_preset(TrainConfig(), args.preset) if args.preset else TrainConfig()  # preset < file < flags
+    cfg = TrainConfig.from_file(args.config, base) if args.config else base
+    cfg = from_args(args, cfg, preset=False)
+    if args.print_config:
+        sys.stdout.write(cfg.resolved().to_toml())
+        return 0
+    resolved = cfg.resolved()
+    if not resolved.model:
+        raise ConfigError("give the model to train: --model PATH (a diffusers folder or a .safetensors checkpoint)")
+
+    import torch
+
+    from ..backends import DiffusersBackend
+    from ..progress import TqdmProgress
+    from ..safe_io import sha256_file
+    from ..training import DiffusersTrainingHost, train
+
+    device = _device(resolved.device)
+    dtype = _dtype(resolved.model_dtype, device)
+    backend = DiffusersBackend.from_pretrained(resolved.model, arch=resolved.arch, device=device, dtype=dtype, vae=resolved.vae)
+    model_path = Path(resolved.model)
+    model_hash = sha256_file(model_path) if model_path.is_file() else None
+    host = DiffusersTrainingHost(backend, model_name=model_path.name, model_hash=model_hash)
+    scorer = None
+    if resolved.method in ("spo", "ddpo"):
+        from ..scorers import load_scorer
+
+        scorer = load_scorer(resolved.scorer, resolved.scorer_path, device=device,
+                             dtype=torch.float16 if device.type == "cuda" else torch.float32, **resolved.scorer_options)
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    progress = TqdmProgress(disable=args.quiet or rank != 0, leave=False)
+    stop = {"asked": False}
+
+    def on_sigint(signum, frame):
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        print("\nstopping at the next safe point (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = train(cfg, host, scorer, progress=progress, cancel=lambda: stop["asked"])
+    except Cancelled as exc:
+        progress.close()
+        print(f"{exc}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, old)
+        progress.close()
+    if rank == 0:
+        print(f"LoRA: {', '.join(map(str, result.lora_paths))}")
+        print(f"steps: {result.steps}  last loss: {result.metrics.get('loss', float('nan')):.5g}")
+        print(f"checkpoint: {result.checkpoint}")
+        print(f"log: {result.log_path}")
+        if result.curves_path:
+            print(f"curves: {result.curves_path}")
+        if result.validation_paths:
+            print(f"validation: {result.validation_paths[-1]}")
+    return 0
