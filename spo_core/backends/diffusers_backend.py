@@ -103,18 +103,18 @@ class DiffusersBackend:
         diffusers = require("diffusers", "the diffusers backend", "diffusers")
         p = check_exists(path, "model")
         extra = {}
-        if vae is not None:
-            extra["vae"] = _load_vae(diffusers, vae, dtype)
         if p.is_dir():
             index = p / "model_index.json"
             if not index.is_file():
                 raise ConfigError(f"{p} is not a diffusers model folder (no model_index.json)")
             sdxl = "XL" in json.loads(index.read_text()).get("_class_name", "")
+            if vae is not None:
+                extra["vae"] = _load_vae(diffusers, vae, dtype, sdxl)
             kwargs = _tokenizer_kwargs(p, sdxl)
             pipe_cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
             if not sdxl:
                 kwargs.update(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
-            pipe = pipe_cls.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype, **kwargs, **extra)
+            pipe = _quiet_load(pipe_cls.from_pretrained, str(p), local_files_only=True, torch_dtype=dtype, **kwargs, **extra)
         else:
             if arch is None:
                 from ..lora.checkpoints import CheckpointReader
@@ -128,14 +128,16 @@ class DiffusersBackend:
             elif arch not in ("sd15", "sd2", "sdxl"):
                 raise ConfigError(f"unknown architecture {arch!r} for a single-file checkpoint; use sd15, sd2 or sdxl")
             sdxl = arch in ("sdxl", "custom-sdxl")
+            if vae is not None:
+                extra["vae"] = _load_vae(diffusers, vae, dtype, sdxl)
             kwargs = {"tokenizer": load_clip_tokenizer()}
             if sdxl:
                 kwargs["tokenizer_2"] = load_clip_tokenizer(pad_token="!")
             else:
                 kwargs.update(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
             pipe_cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-            pipe = pipe_cls.from_single_file(str(p), config=str(config or CONFIG_DIR / arch), local_files_only=True,
-                                             torch_dtype=dtype, **kwargs, **extra)
+            pipe = _quiet_load(pipe_cls.from_single_file, str(p), config=str(config or CONFIG_DIR / arch), local_files_only=True,
+                               torch_dtype=dtype, **kwargs, **extra)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, device=device, arch=arch)
 
@@ -345,7 +347,8 @@ class TinyVAEDecoder:
         if not (p.is_dir() and (p / "config.json").is_file()):
             raise ConfigError(f"{p} is not a diffusers AutoencoderTiny (TAESD) folder with a config.json; "
                               "the decoder must be 'vae', 'rgb' or such a folder (e.g. madebyollin/taesd)")
-        vae = diffusers.AutoencoderTiny.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype or torch.float32)
+        vae = _quiet_load(diffusers.AutoencoderTiny.from_pretrained, str(p), local_files_only=True,
+                          torch_dtype=dtype or torch.float32)
         return cls(vae.to(device).eval())
 
     @torch.no_grad()
@@ -355,14 +358,26 @@ class TinyVAEDecoder:
         return (out.float() / 2 + 0.5).clamp(0, 1)
 
 
-def _load_vae(diffusers, vae, dtype):
+def _quiet_load(fn, *args, **kwargs):
+    """Call a diffusers loader with `torch_dtype=` (what every supported diffusers knows) without the
+    FutureWarning newer releases give for it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        return fn(*args, **kwargs)
+
+
+def _load_vae(diffusers, vae, dtype, sdxl: bool):
+    """An AutoencoderKL from a module, a diffusers VAE folder, or a single VAE file (with the shipped
+    SD1.5 or SDXL VAE config: they differ in scaling factor, 0.18215 vs 0.13025)."""
     if isinstance(vae, torch.nn.Module):
         return vae
     p = check_exists(vae, "VAE")
     if p.is_dir():
-        return diffusers.AutoencoderKL.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype)
-    return diffusers.AutoencoderKL.from_single_file(str(p), local_files_only=True, torch_dtype=dtype,
-                                                    config=str(CONFIG_DIR / "sd15" / "vae"))
+        return _quiet_load(diffusers.AutoencoderKL.from_pretrained, str(p), local_files_only=True, torch_dtype=dtype)
+    return _quiet_load(diffusers.AutoencoderKL.from_single_file, str(p), local_files_only=True, torch_dtype=dtype,
+                       config=str(CONFIG_DIR / ("sdxl" if sdxl else "sd15") / "vae"))
 
 
 def _tokenizer_kwargs(folder: Path, sdxl: bool) -> dict:

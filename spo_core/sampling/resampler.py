@@ -181,12 +181,14 @@ def _select(scores: torch.Tensor, policy: str, temperature: float, g: torch.Gene
 def _check_scorer(scorer, prompts: Sequence[str] | None, batch: int) -> list[str] | None:
     if scorer is None:
         raise ConfigError("the resampler needs a scorer when k > 1")
-    if getattr(scorer, "needs_prompt", True):
-        if not prompts:
-            raise ConfigError(f"scorer {getattr(scorer, 'name', type(scorer).__name__)!r} needs the prompt text, but no prompt was given")
+    if prompts is not None:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if getattr(scorer, "needs_prompt", True) and (not prompts or not any(str(p).strip() for p in prompts)):
+        raise ConfigError(f"scorer {getattr(scorer, 'name', type(scorer).__name__)!r} compares images with the prompt, "
+                          "but no prompt text was given: pass the prompt(s), or use a scorer that needs none "
+                          "(aesthetic, jpeg_compressibility)")
     if prompts is None:
         return None
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) == 1 and batch > 1:
         prompts = prompts * batch
     if len(prompts) != batch:
