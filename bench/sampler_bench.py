@@ -133,9 +133,10 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         print(f"[{name}] k={k}: {r['wall_s']:.3f} s, ratio {r['wall_ratio']} (steady step {r['steady_step_ratio']}), "
               f"evaluations by step {r['evaluations_by_step_per_prompt']}", flush=True)
     params = sum(p.numel() for p in pipe.unet.parameters())
+    px = latent * (8 if name == "sd15" else backend.vae_scale_factor)  # sd15: the size with SD's real VAE
     del pipe, backend
     return {"model": name, "unet_params_m": round(params / 1e6, 1), "latent": [4, latent, latent],
-            "image_px": latent * 8, "steps": steps, "batch": batch, "guidance": 5.0, "runs": rows}
+            "image_px": px, "steps": steps, "batch": batch, "guidance": 5.0, "runs": rows}
 
 
 def print_table(models: list[dict]) -> None:
