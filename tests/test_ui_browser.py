@@ -1,6 +1,6 @@
 """The standalone app in a real browser: Debian's chromium driven headless by Playwright.
 
-The app is served on a free 127.0.0.1 port; the test converts a LoRA (diffusers -> webui) and
+`spo ui` is started in its own process on a free 127.0.0.1 port; the test converts a LoRA (diffusers -> webui) and
 scores images through the page, and checks what the page shows: the status line, the written
 file's metadata, the error shown when the same output is written twice, the score table.
 Skips when chromium or playwright is absent (CI: `apt-get install -y chromium` and
@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,11 +43,8 @@ def app(tmp_path_factory):
     pytest.importorskip("playwright.sync_api")
     pytest.importorskip("gradio")
     from spo_core.lora import load_table, save_lora
-    from spo_core.ui import StandaloneHost, build_blocks
 
     work = tmp_path_factory.mktemp("browser")
-    import sys
-
     sys.path.insert(0, str(Path(__file__).parent))
     try:
         from lora_helpers import random_lora, spo_modules
@@ -57,12 +58,32 @@ def app(tmp_path_factory):
     Image.fromarray((torch.rand((64, 64, 3), generator=g) * 255).to(torch.uint8).numpy()).save(noisy)
 
     out = work / "out"
-    demo = build_blocks(StandaloneHost(out))
-    demo.queue()
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, inbrowser=False)
-    yield {"url": f"http://127.0.0.1:{port}/", "lora": lora, "images": [flat, noisy], "out": out, "work": work}
-    demo.close()
+    url = f"http://127.0.0.1:{port}/"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    log = open(work / "app.log", "w")
+    # the app as a user starts it: `spo ui`, in its own process
+    proc = subprocess.Popen([sys.executable, "-m", "spo_core", "ui", "--port", str(port), "--output-dir", str(out)],
+                            cwd=str(Path(__file__).resolve().parents[1]), env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"spo ui exited with {proc.returncode}:\n{(work / 'app.log').read_text()[-4000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            break
+        except Exception:
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"spo ui did not start:\n{(work / 'app.log').read_text()[-4000:]}")
+            time.sleep(0.5)
+    yield {"url": url, "lora": lora, "images": [flat, noisy], "out": out, "work": work}
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
 
 
 @pytest.fixture(scope="module")
