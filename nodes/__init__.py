@@ -7,13 +7,13 @@ both go into `NODE_CLASS_MAPPINGS` (ComfyUI runs V3 classes from that map too).
 
 from __future__ import annotations
 
-from . import lora_nodes, resampler_nodes, scorer_nodes
+from . import lora_nodes, resampler_nodes, scorer_nodes, train_nodes
 from .host import register_folders
 from .spec import build_mappings
 
 register_folders()
 
-SPECS = [*lora_nodes.SPECS, *scorer_nodes.SPECS, *resampler_nodes.SPECS]
+SPECS = [*lora_nodes.SPECS, *scorer_nodes.SPECS, *resampler_nodes.SPECS, *train_nodes.SPECS]
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(SPECS)
 

@@ -238,3 +238,145 @@ def test_noise_mask_with_batch_above_one_is_a_clear_error_and_the_queue_goes_on(
 def test_eta_zero_with_several_candidates_is_refused_in_the_node(comfy):
     result = comfy.run(_graph(sampler="custom", k=3, eta=0.0), expect_success=False)
     assert "eta = 0 makes every step deterministic" in result["error"]["exception_message"]
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+
+def _comfy_x0(model, positive, negative, cfg: float, x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x0 as ComfyUI's own sampling path computes it (CFGGuider, conds, model_wrap): a one-step probe sampler."""
+    import comfy.sample
+    import comfy.samplers
+
+    seen = {}
+
+    def probe(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):
+        seen["x0"] = model_k(x, torch.full((x.shape[0],), sigma), **extra_args)
+        return noise
+
+    comfy.sample.sample_custom(model, torch.zeros_like(x), cfg, comfy.samplers.KSAMPLER(probe), torch.tensor([sigma, 0.0]),
+                               positive, negative, torch.zeros_like(x), seed=0)
+    return seen["x0"]
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_training_host_denoiser_is_comfyuis_cfg_denoiser(comfy, sdxl):
+    """The trainer's denoiser on the MODEL equals what ComfyUI's sampler computes for the same prompt and CFG."""
+    from comfy_support.harness import tiny_clip, tiny_model
+
+    training = sys.modules[comfy.pack_module + ".nodes.comfy_training"]
+    model, clip = tiny_model(3, sdxl=sdxl), tiny_clip(3)
+
+    def encode(text):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g) * 3
+    ref = _comfy_x0(model, encode("a red apple"), encode(""), 4.0, x, 3.0)
+    host = training.ComfyTrainingHost(model, clip, None)
+    with torch.inference_mode(False), torch.enable_grad():
+        cond = host.encode_prompts(["a red apple", "a red apple"], None, height=64, width=64)
+        ours = host.denoiser(4.0)(x, torch.tensor([3.0, 3.0]), cond)
+    torch.testing.assert_close(ours.detach(), ref, rtol=1e-4, atol=1e-5)
+
+
+def _train_graph(output_name: str, steps: int = 3, scorer: str = "SPOTest_BrightnessScorer", prompts: str = "a red apple\na blue car",
+                 resume: bool = False, overwrite: bool = True) -> dict:
+    return {
+        "1": {"class_type": "SPOTest_TinyModel", "inputs": {"seed": 0, "sdxl": False}},
+        "2": {"class_type": "SPOTest_TinyVAE", "inputs": {"seed": 0}},
+        "3": {"class_type": "SPOTest_TinyCLIP", "inputs": {"seed": 0}},
+        "4": {"class_type": scorer, "inputs": {}},
+        "5": {"class_type": "SPOTrainLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["3", 0], "vae": ["2", 0], "scorer": ["4", 0], "prompts": prompts, "method": "spo",
+            "preset": "auto", "train_steps": steps, "learning_rate": 1e-3, "rank": 2, "width": 64, "height": 64, "seed": 1,
+            "output_name": output_name, "resume": resume, "overwrite": overwrite, "mixed_precision": "auto",
+            "gradient_checkpointing": False, "checkpoint_every": 1, "preview_every": 0, "sampling_steps": 4,
+            "guidance_scale": 3.0, "k": 2, "batch_size": 2, "pair_threshold": 0.0}},
+        "6": {"class_type": "SPOTest_Capture", "inputs": {"value": ["5", 1], "key": "path"}},
+        "7": {"class_type": "SPOTest_Capture", "inputs": {"value": ["5", 0], "key": "model"}},
+        "8": {"class_type": "SPOTest_Capture", "inputs": {"value": ["5", 2], "key": "curves"}},
+        "9": {"class_type": "SPOTest_Capture", "inputs": {"value": ["5", 3], "key": "report"}},
+    }
+
+
+def _stock_load(comfy, lora_name: str):
+    """The stock LoraLoaderModelOnly on a fresh tiny model; returns (patched MODEL, LoRA warnings)."""
+    from comfy_support.harness import tiny_model
+
+    comfy.log.clear()
+    patched, = run_node_class(comfy.node_class("LoraLoaderModelOnly"), model=tiny_model(0), lora_name=lora_name,
+                              strength_model=1.0)
+    return patched, _lora_warnings(comfy)
+
+
+def test_train_spo_lora_three_steps_and_the_stock_loader_takes_the_file(comfy):
+    from safetensors import safe_open
+
+    comfy.captured.clear()
+    comfy.progress.clear()
+    comfy.run(_train_graph("tiny_spo"))
+    path = Path(comfy.captured["path"])
+    assert path == comfy.base / "output" / "loras" / "tiny_spo.safetensors" and path.is_file()
+    assert "spo LoRA trained for 3 steps" in comfy.captured["report"]
+    assert comfy.captured["curves"].shape[0] == 1 and comfy.captured["curves"].shape[-1] == 3
+    progress = [p for p in comfy.progress if p[0] == "5"]
+    assert [p[1] for p in progress if not p[3]][-3:] == [1, 2, 3] and progress[-1][2] == 3
+    assert any(p[3] for p in progress)  # the final base-vs-LoRA grid as a preview
+    patched, warnings = _stock_load(comfy, path.name)
+    assert warnings == []
+    with safe_open(str(path), "pt") as f:
+        trained_modules = {k.split(".")[0] for k in f.keys()}
+        assert f.metadata()["ss_network_module"] == "networks.lora" and f.metadata()["spo_method"] == "spo"
+    assert len(patched.patches) == len(trained_modules) > 0
+    assert len(comfy.captured["model"].patches) == len(trained_modules)  # the returned MODEL has it applied
+
+
+def test_interrupt_mid_training_leaves_a_usable_partial_lora_and_resume_finishes(comfy):
+    from safetensors import safe_open
+
+    comfy.captured.clear()
+    comfy.progress.clear()
+    comfy.interrupt_after = 6  # press Cancel after the first optimizer steps (4 sampling updates come first)
+    result = comfy.run(_train_graph("tiny_cancel", steps=6), expect_success=False)
+    assert not result["success"]
+    assert any(e == "execution_interrupted" for e, _ in result["messages"])
+    path = comfy.base / "output" / "loras" / "tiny_cancel.safetensors"
+    assert path.is_file()
+    with safe_open(str(path), "pt") as f:
+        steps_saved = int(f.metadata()["ss_steps"])
+    assert 1 <= steps_saved < 6
+    patched, warnings = _stock_load(comfy, path.name)
+    assert warnings == [] and len(patched.patches) > 0
+    assert not list((comfy.base / "output" / "loras").glob("*.partial*"))  # no half-written file
+    comfy.captured.clear()
+    comfy.run(_train_graph("tiny_cancel", steps=6, resume=True, overwrite=False))  # the queue goes on; resume finishes
+    with safe_open(str(path), "pt") as f:
+        assert int(f.metadata()["ss_steps"]) == 6
+
+
+def test_training_bad_input_gives_clear_errors_and_writes_nothing(comfy):
+    result = comfy.run(_train_graph("tiny_empty", prompts="  \n "), expect_success=False)
+    assert "the prompt list is empty" in result["error"]["exception_message"]
+    result = comfy.run(_train_graph("tiny_oom", scorer="SPOTest_OOMScorer"), expect_success=False)
+    message = result["error"]["exception_message"]
+    assert "out of memory" in message and "lower" in message and "sample_batch_size" in message
+    assert not (comfy.base / "output" / "loras" / "tiny_oom.safetensors").exists()
+    assert not (comfy.base / "output" / "loras" / "tiny_empty.safetensors").exists()
+    comfy.run(_train_graph("tiny_after_errors", steps=1))  # the queue is not hung
+
+
+def test_train_on_image_pairs_with_diffusion_dpo(comfy):
+    g = _train_graph("tiny_dpo")
+    g["4"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0xFF0000}}
+    g["10"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x0000FF}}
+    inputs = {k: v for k, v in g["5"]["inputs"].items() if k not in ("scorer", "sampling_steps", "guidance_scale", "k",
+                                                                      "batch_size", "pair_threshold")}
+    inputs.update(method="diffusion_dpo", preset="auto", prompts="a red square", winners=["4", 0], losers=["10", 0], train_steps=2)
+    g["5"] = {"class_type": "SPOTrainLoRAOnPairs", "inputs": inputs}
+    comfy.captured.clear()
+    comfy.run(g)
+    assert "diffusion_dpo LoRA trained for 2 steps" in comfy.captured["report"]
+    patched, warnings = _stock_load(comfy, Path(comfy.captured["path"]).name)
+    assert warnings == [] and len(patched.patches) > 0

@@ -93,6 +93,7 @@ class ComfyHarness:
         comfy.utils.set_progress_bar_global_hook(self._hook)
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         self.pack_loaded = asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
+        self.pack_module = str(PACK_DIR).replace(".", "_x_")  # the module name ComfyUI gives a pack folder
         self.captured: dict = {}
         register_test_nodes(self)
         return self
@@ -182,6 +183,56 @@ def register_test_nodes(h: "ComfyHarness") -> None:
         def make(self, seed, sdxl):
             return (tiny_cond(1, seed=seed, sdxl=sdxl),)
 
+    class TinyCLIP:
+        @classmethod
+        def INPUT_TYPES(cls):  # noqa: N802
+            return {"required": {"seed": ("INT", {"default": 0})}}
+
+        RETURN_TYPES, FUNCTION, CATEGORY = ("CLIP",), "make", "testing"
+
+        def make(self, seed):
+            return (tiny_clip(seed),)
+
+    class BrightnessScorer:
+        """An SPO_SCORER whose scores spread widely (100 x mean brightness): SPO finds pairs at once."""
+
+        @classmethod
+        def INPUT_TYPES(cls):  # noqa: N802
+            return {"required": {}}
+
+        RETURN_TYPES, FUNCTION, CATEGORY = ("SPO_SCORER",), "make", "testing"
+
+        def make(self):
+            from spo_core.scorers.base import Scorer
+
+            class Brightness(Scorer):
+                name, needs_prompt, step_aware = "brightness", False, False
+
+                def _score(self, images, prompts, timesteps):
+                    return images.mean(dim=(1, 2, 3)) * 100
+
+            return (Brightness(),)
+
+    class OOMScorer:
+        """An SPO_SCORER that runs out of CUDA memory, as a too-large run would."""
+
+        @classmethod
+        def INPUT_TYPES(cls):  # noqa: N802
+            return {"required": {}}
+
+        RETURN_TYPES, FUNCTION, CATEGORY = ("SPO_SCORER",), "make", "testing"
+
+        def make(self):
+            from spo_core.scorers.base import Scorer
+
+            class OOM(Scorer):
+                name, needs_prompt = "oom", False
+
+                def _score(self, images, prompts, timesteps):
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+            return (OOM(),)
+
     class Capture:
         @classmethod
         def INPUT_TYPES(cls):  # noqa: N802
@@ -194,11 +245,13 @@ def register_test_nodes(h: "ComfyHarness") -> None:
             return ()
 
     for name, cls in (("SPOTest_TinyModel", TinyModel), ("SPOTest_TinyVAE", TinyVAE), ("SPOTest_TinyCond", TinyCond),
+                      ("SPOTest_TinyCLIP", TinyCLIP), ("SPOTest_BrightnessScorer", BrightnessScorer),
+                      ("SPOTest_OOMScorer", OOMScorer),
                       ("SPOTest_Capture", Capture)):
         nodes.NODE_CLASS_MAPPINGS[name] = cls
 
 
-CAPTURE_TYPES = "LATENT,IMAGE,STRING,FLOAT,MODEL,CLIP,SPO_TRACE,SAMPLER"
+CAPTURE_TYPES = "LATENT,IMAGE,STRING,FLOAT,MODEL,CLIP,SPO_TRACE,SAMPLER,CONDITIONING"
 
 
 # -- tiny models built in code (no downloads) ---------------------------------------------------
@@ -222,7 +275,9 @@ def tiny_model(seed: int = 0, sdxl: bool = False):
     if sdxl:
         cfg["adm_in_channels"] = 32 + 6 * 256
         cfg["num_classes"] = "sequential"
-        model = comfy.supported_models.SDXL(cfg).get_model({})
+        config = comfy.supported_models.SDXL(cfg)
+        config.unet_config["num_head_channels"] = 16  # SDXL's 64-channel heads would leave a 32-wide UNet no head
+        model = config.get_model({})
     else:
         model = comfy.supported_models.SD15(cfg).get_model({})
     g = torch.Generator().manual_seed(seed)
@@ -230,6 +285,41 @@ def tiny_model(seed: int = 0, sdxl: bool = False):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=torch.device("cpu"))
+
+
+TINY_CLIP = {
+    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+    "eos_token_id": 49407, "hidden_act": "quick_gelu", "hidden_size": 32, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+    "model_type": "clip_text_model", "num_attention_heads": 2, "num_hidden_layers": 2, "pad_token_id": 1,
+    "projection_dim": 32, "torch_dtype": "float32", "vocab_size": 49408,
+}
+
+
+def tiny_clip(seed: int = 0):
+    """A comfy.sd.CLIP with a 2-layer, 32-wide SD1-style text encoder and ComfyUI's bundled tokenizer."""
+    import functools
+
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+
+    te = comfy.sd1_clip.SD1ClipModel(clip_model=functools.partial(
+        comfy.sd1_clip.SDClipModel, textmodel_json_config=dict(TINY_CLIP), return_projected_pooled=False))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in te.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    cpu = torch.device("cpu")
+    clip = comfy.sd.CLIP(no_init=True)
+    clip.cond_stage_model = te
+    clip.tokenizer = comfy.sd1_clip.SD1Tokenizer(embedding_directory=None, tokenizer_data={})
+    clip.patcher = comfy.model_patcher.ModelPatcher(te, load_device=cpu, offload_device=cpu)
+    clip.layer_idx = None
+    clip.tokenizer_options = {}
+    clip.use_clip_schedule = False
+    clip.apply_hooks_to_conds = None
+    return clip
 
 
 def tiny_vae(seed: int = 0):
