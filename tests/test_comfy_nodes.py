@@ -33,6 +33,8 @@ EXPECTED = {
     "SPOPerStepResampler": ("SPO Per-Step Resampler", ["SAMPLER", "SPO_TRACE"]),
     "SPOResampling": ("SPO Resampling", ["MODEL", "SPO_TRACE"]),
     "SPOCandidateGrid": ("SPO Candidate Grid", ["IMAGE"]),
+    "SPOTrainLoRA": ("Train SPO LoRA", ["MODEL", "STRING", "IMAGE", "STRING"]),
+    "SPOTrainLoRAOnPairs": ("Train LoRA on Preference Pairs", ["MODEL", "STRING", "IMAGE", "STRING"]),
 }
 
 
@@ -544,3 +546,151 @@ def test_resampling_patch_wraps_sampler_sample_and_loads_scorer_with_the_model(p
     wrappers = patched.wrappers[comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE]["spo_resampler"]
     assert len(wrappers) == 1 and callable(wrappers[0])
     assert patched.additional_models["spo_resampler"] == [Managed.patcher]
+
+
+# -- Training (the node's side: settings into spo_core's trainer, outputs, cancel) ---------------------
+
+TRAIN_COMMON = dict(train_steps=5, learning_rate=0.0, rank=0, width=0, height=0, seed=3, output_name="my_spo", resume=False,
+                    overwrite=False, mixed_precision="no", gradient_checkpointing=False, checkpoint_every=2, preview_every=0)
+
+
+class _FakeTrainer:
+    """Stands in for spo_core.training.train and the ComfyUI host: records the config, writes the LoRA file
+    the trainer would (a real kohya file for the fake model's modules), or is cancelled after writing it."""
+
+    def __init__(self, modules):
+        self.modules = modules
+        self.calls = []
+        self.cancel_after_write = False
+
+    def host(self, model, clip, vae, model_name=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(arch="sd15", release=lambda: None, encode_images=lambda x: x[:, :3, ::8, ::8] * 0 + x.mean())
+
+    def __call__(self, cfg, host, scorer, prompts=None, pairs=None, progress=None, cancel=None):
+        from types import SimpleNamespace
+
+        from spo_core.errors import Cancelled
+        from spo_core.lora import read_lora
+
+        if callable(pairs):
+            pairs = pairs(host)
+        if pairs is not None and not cfg.pairs:  # as the Trainer does for in-memory pairs
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, pairs="<in memory>")
+        self.calls.append(SimpleNamespace(cfg=cfg.resolved(), scorer=scorer, prompts=prompts, pairs=pairs))
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = kohya_lora(out / f"{cfg.output_name}.safetensors", "sd15", self.modules)
+        if self.cancel_after_write:
+            raise Cancelled("training was cancelled")
+        return SimpleNamespace(lora_path=path, lora=read_lora(path), steps=cfg.max_steps, output_dir=out, curves_path=None,
+                               metrics={"loss": 0.5})
+
+
+@pytest.fixture
+def fake_trainer(pack, monkeypatch):
+    mods = fakes.unet_modules("sd15", block="down_blocks.0.attentions.0", limit=4)
+    fake = _FakeTrainer(mods)
+    train_nodes = sys.modules[pack.module.__name__ + ".nodes.train_nodes"]
+    monkeypatch.setattr(train_nodes, "train", fake)
+    monkeypatch.setattr(train_nodes, "ComfyTrainingHost", fake.host)
+    fake.model = fakes.fake_model("sd15", mods)
+    return fake
+
+
+def test_train_node_maps_its_inputs_onto_the_spo_preset_and_publishes_the_lora(pack, fake_trainer):
+    (model, path, curves, report), ui = pack.run(
+        "SPOTrainLoRA", model=fake_trainer.model, clip=object(), vae=object(), scorer=_jpeg(), prompts="a cat\n\n a dog \n",
+        method="spo", preset="auto", sampling_steps=20, guidance_scale=5.0, k=0, batch_size=0, pair_threshold=-1.0,
+        **TRAIN_COMMON)
+    call = fake_trainer.calls[-1]
+    cfg = call.cfg
+    assert call.prompts == ["a cat", "a dog"] and cfg.prompt_list == ["a cat", "a dog"]
+    assert (cfg.method, cfg.k, cfg.threshold, cfg.beta, cfg.rank, cfg.learning_rate) == ("spo", 4, 0.3, 10.0, 4, 6e-5)
+    assert cfg.max_steps == 5 and cfg.seed == 3 and cfg.checkpoint_every == 2 and cfg.resume is None
+    assert Path(cfg.output_dir) == pack.base / "output" / "spo_training" / "my_spo"
+    assert Path(path) == pack.base / "output" / "loras" / "my_spo.safetensors" and Path(path).is_file()
+    assert len(model.patches) == 4 and model is not fake_trainer.model
+    assert curves.shape == (1, 64, 64, 3) and "spo LoRA trained for 5 steps" in report
+    # overrides: rank sets alpha, k and threshold and batch size replace the preset's
+    pack.run("SPOTrainLoRA", model=fake_trainer.model, clip=object(), vae=object(), scorer=_jpeg(), prompts="a cat",
+             method="spo", preset="spo-sdxl", sampling_steps=10, guidance_scale=7.0, k=3, batch_size=1, pair_threshold=0.1,
+             **{**TRAIN_COMMON, "rank": 16, "learning_rate": 1e-4, "resume": True})
+    cfg = fake_trainer.calls[-1].cfg
+    assert (cfg.rank, cfg.alpha, cfg.k, cfg.threshold, cfg.inner_steps, cfg.learning_rate) == (16, 16.0, 3, 0.1, 3, 1e-4)
+    assert (cfg.steps, cfg.guidance_scale, cfg.sample_batch_size, cfg.train_batch_size, cfg.resume) == (10, 7.0, 1, 1, "auto")
+
+
+def test_train_node_refuses_bad_input_before_training(pack, fake_trainer):
+    kw = dict(model=fake_trainer.model, clip=object(), vae=object(), scorer=_jpeg(), method="spo", preset="auto",
+              sampling_steps=20, guidance_scale=5.0, k=0, batch_size=0, pair_threshold=-1.0, **TRAIN_COMMON)
+    with pytest.raises(ConfigError, match="the prompt list is empty"):
+        pack.run("SPOTrainLoRA", prompts=" \n  ", **kw)
+    with pytest.raises(ConfigError, match="preset ddpo is for ddpo, not spo"):
+        pack.run("SPOTrainLoRA", prompts="a cat", **{**kw, "preset": "ddpo"})
+    with pytest.raises(FileMissingError, match="prompt file not found"):
+        pack.run("SPOTrainLoRA", prompts="", prompt_file="missing.txt", **kw)
+    (pack.base / "output" / "loras").mkdir(parents=True)
+    (pack.base / "output" / "loras" / "my_spo.safetensors").write_bytes(b"someone else's file")
+    from spo_core.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match="choose another output_name"):
+        pack.run("SPOTrainLoRA", prompts="a cat", **kw)
+    assert fake_trainer.calls == []
+
+
+def test_train_node_reads_a_prompt_file_from_the_input_folder(pack, fake_trainer):
+    (pack.base / "input").mkdir()
+    (pack.base / "input" / "prompts.json").write_text('[{"caption": "a lake"}, "a hill"]')
+    pack.run("SPOTrainLoRA", model=fake_trainer.model, clip=object(), vae=object(), scorer=_jpeg(), prompts="",
+             prompt_file="prompts.json", method="spo", preset="auto", sampling_steps=20, guidance_scale=5.0, k=0,
+             batch_size=0, pair_threshold=-1.0, **TRAIN_COMMON)
+    assert fake_trainer.calls[-1].prompts == ["a lake", "a hill"]
+
+
+def test_cancelled_training_publishes_the_partial_lora_and_reports_an_interrupt(pack, fake_trainer):
+    import comfy.model_management
+
+    fake_trainer.cancel_after_write = True
+    with pytest.raises(comfy.model_management.InterruptProcessingException, match="partial LoRA"):
+        pack.run("SPOTrainLoRA", model=fake_trainer.model, clip=object(), vae=object(), scorer=_jpeg(), prompts="a cat",
+                 method="spo", preset="auto", sampling_steps=20, guidance_scale=5.0, k=0, batch_size=0,
+                 pair_threshold=-1.0, **TRAIN_COMMON)
+    assert read_lora(pack.base / "output" / "loras" / "my_spo.safetensors").modules
+
+
+def test_training_progress_turns_the_ui_interrupt_into_the_trainers_cancel(pack):
+    import comfy.model_management
+    import comfy.utils
+
+    from spo_core.progress import ProgressEvent
+
+    train_nodes = sys.modules[pack.module.__name__ + ".nodes.train_nodes"]
+    progress = train_nodes.TrainingProgress(10, "5")
+    progress(ProgressEvent("training", 1, 10))
+    assert not progress.cancelled()
+    comfy.model_management.interrupt_current_processing(True)
+    progress(ProgressEvent("sampling", 2, 4))  # must not raise inside the trainer
+    assert progress.cancelled()
+    assert comfy.utils.UPDATES[-1][:3] == ("5", 1, 10)
+
+
+def test_pairs_node_takes_image_batches_or_a_pairs_file(pack, fake_trainer):
+    kw = dict(model=fake_trainer.model, clip=object(), vae=object(), method="diffusion_dpo", preset="auto", **TRAIN_COMMON)
+    red, blue = torch.zeros(3, 16, 16, 3), torch.ones(3, 16, 16, 3)
+    pack.run("SPOTrainLoRAOnPairs", prompts="a square", winners=red, losers=blue, **kw)
+    call = fake_trainer.calls[-1]
+    assert call.cfg.method == "diffusion_dpo" and call.cfg.beta == 2500.0 and (call.cfg.width, call.cfg.height) == (16, 16)
+    assert call.pairs.prompts == ["a square"] * 3 and call.pairs.win.shape[0] == 3
+    with pytest.raises(ConfigError, match="3 winner images but 2 loser images"):
+        pack.run("SPOTrainLoRAOnPairs", prompts="a square", winners=red, losers=blue[:2], **{**kw, "overwrite": True})
+    with pytest.raises(ConfigError, match="2 prompts for 3 pairs"):
+        pack.run("SPOTrainLoRAOnPairs", prompts="a\nb", winners=red, losers=blue, **{**kw, "overwrite": True})
+    with pytest.raises(ConfigError, match="no preference pairs"):
+        pack.run("SPOTrainLoRAOnPairs", prompts="a", **{**kw, "overwrite": True})
+    pack.run("SPOTrainLoRAOnPairs", prompts="", pairs_path="pairs.jsonl", **{**kw, "method": "ncp_dpo", "overwrite": True})
+    cfg = fake_trainer.calls[-1].cfg
+    assert cfg.method == "ncp_dpo" and cfg.pairs == str(pack.base / "input" / "pairs.jsonl") and cfg.width == 512

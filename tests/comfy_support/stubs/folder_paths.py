@@ -42,6 +42,10 @@ def get_output_directory():
     return output_directory
 
 
+def get_input_directory():
+    return os.path.join(base_path, "input")
+
+
 def _ok(name, exts):
     return not exts or os.path.splitext(name)[1].lower() in exts
 
