@@ -694,3 +694,34 @@ def test_pairs_node_takes_image_batches_or_a_pairs_file(pack, fake_trainer):
     pack.run("SPOTrainLoRAOnPairs", prompts="", pairs_path="pairs.jsonl", **{**kw, "method": "ncp_dpo", "overwrite": True})
     cfg = fake_trainer.calls[-1].cfg
     assert cfg.method == "ncp_dpo" and cfg.pairs == str(pack.base / "input" / "pairs.jsonl") and cfg.width == 512
+
+
+# -- example workflows ------------------------------------------------------------------------------
+
+STOCK_NODES = {"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
+               "PreviewImage", "PreviewAny", "BasicScheduler", "SamplerCustom"}
+
+
+def test_example_workflows_are_consistent_with_the_nodes(pack):
+    from comfy_support.workflows import EXAMPLES, load_examples, ui_to_api, widget_names
+
+    examples = load_examples()
+    assert set(examples) == set(EXAMPLES) and len(examples) >= 4
+    for name, wf in examples.items():
+        ids = {n["id"] for n in wf["nodes"]}
+        for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
+            source = next(n for n in wf["nodes"] if n["id"] == src)
+            target = next(n for n in wf["nodes"] if n["id"] == dst)
+            assert source["outputs"][src_slot]["type"] == typ and link_id in source["outputs"][src_slot]["links"]
+            assert target["inputs"][dst_slot]["link"] == link_id
+        spo = [n for n in wf["nodes"] if n["type"].startswith("SPO")]
+        assert spo and {n["type"] for n in wf["nodes"]} <= STOCK_NODES | set(pack.nodes), name
+        classes = {n["type"]: pack.nodes[n["type"]] for n in spo}
+        sub = {**wf, "nodes": spo, "links": [link for link in wf["links"] if link[3] in {n["id"] for n in spo}]}
+        prompt = ui_to_api(sub, classes)
+        for node in spo:
+            cls = pack.nodes[node["type"]]
+            assert len(node["widgets_values"]) == len(widget_names(cls)), (name, node["type"])
+            required = cls.INPUT_TYPES()["required"]
+            assert set(required) <= set(prompt[str(node["id"])]["inputs"]), (name, node["type"])
+        assert ids

@@ -380,3 +380,27 @@ def test_train_on_image_pairs_with_diffusion_dpo(comfy):
     assert "diffusion_dpo LoRA trained for 2 steps" in comfy.captured["report"]
     patched, warnings = _stock_load(comfy, Path(comfy.captured["path"]).name)
     assert warnings == [] and len(patched.patches) > 0
+
+
+# -- example workflows validate in the real ComfyUI ---------------------------------------------------
+
+
+def test_example_workflows_validate_in_comfyui(comfy):
+    import asyncio
+
+    import execution
+
+    from comfy_support.workflows import load_examples, ui_to_api
+
+    placeholders = {"ckpt_name": "checkpoints", "lora_name": "loras"}
+    for name, wf in load_examples().items():
+        prompt = ui_to_api(wf, comfy.nodes.NODE_CLASS_MAPPINGS)
+        for node in prompt.values():  # empty files stand in for the models the workflow names
+            for key, folder in placeholders.items():
+                if key in node["inputs"]:
+                    (comfy.base / "models" / folder / node["inputs"][key]).touch()
+            if node["class_type"] == "SPOLoadScorer":
+                (comfy.base / "models" / "spo_scorers" / node["inputs"]["weights"]).touch()
+        ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("x", prompt, None))
+        assert ok, (name, error, node_errors)
+        assert outputs
