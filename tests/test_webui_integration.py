@@ -56,13 +56,22 @@ def _is_forge(webui: Path) -> bool:
 
 def write_clip_cache(hf_home: Path) -> None:
     """openai/clip-vit-large-patch14's config.json and tokenizer files, made offline, in an HF cache."""
-    from spo_core.clip_tokenizer import load_clip_tokenizer
+    import shutil
+
+    from spo_core.clip_tokenizer import tokenizer_files
 
     snap = hf_home / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / ("0" * 40)
     snap.mkdir(parents=True, exist_ok=True)
     (snap.parents[1] / "refs").mkdir(exist_ok=True)
     (snap.parents[1] / "refs" / "main").write_text("0" * 40)
-    load_clip_tokenizer().save_pretrained(str(snap))
+    # the slow CLIPTokenizer files, readable by every transformers version (A1111 pins 4.30.2)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_files() / name, snap / name)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (snap / "special_tokens_map.json").write_text(json.dumps(special))
+    (snap / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77, "do_lower_case": True,
+                                                            "tokenizer_class": "CLIPTokenizer"}))
     text = json.loads((ROOT / "spo_core" / "configs" / "sd15" / "text_encoder" / "config.json").read_text())
     text = {k: v for k, v in text.items() if k not in ("architectures", "_name_or_path", "torch_dtype")}
     config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 768, "text_config": text,
