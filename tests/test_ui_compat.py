@@ -54,4 +54,4 @@ def test_blocks_on_installed_gradio_with_sampling(tmp_path):
     pytest.importorskip("diffusers")
     result = _run_check(sys.executable, tmp_path, [])
     checks = {r["check"]: r["ok"] for r in result["results"]}
-    assert checks.get("Sample") and all(checks.values()), checks
+    assert checks.get("Sample") and checks.get("Train") and all(checks.values()), checks

@@ -4,8 +4,8 @@ torch, safetensors, pillow and some gradio; the pack is found from this file's l
 It builds the standalone app's Blocks and the WebUI tab (through tests/webui_stub, loading the
 extension's script as A1111 does), serves the standalone app on 127.0.0.1, and drives one action
 per tab with gradio_client: LoRA tools (inspect + convert a diffusers LoRA to webui format),
-Score (an image with the JPEG scorer), Sample (a tiny diffusers model, only where diffusers
-imports). It prints a line per check, then 'N passed, N failed', and exits non-zero on a failure.
+Score (an image with the JPEG scorer), Sample and Train (one DDPO step) on a tiny diffusers model,
+only where diffusers imports. It prints a line per check, then 'N passed, N failed', and exits non-zero on a failure.
 
     python tests/compat/check_ui.py [--json OUT] [--keep DIR]
 """
@@ -172,6 +172,15 @@ def check_sample(client, model_dir: Path) -> str:
     return summary
 
 
+def check_train(client, model_dir: Path, out_dir: Path) -> str:
+    args = [str(model_dir), "ddpo", "auto", "a red cube\na blue ball", None, "", "jpeg_compressibility", "", 1, 0, 0, 0,
+            2, 2, 0, 4, False, "auto", 0, -1, 1, "compat_ddpo", False, True]
+    status, plot, preview, result = client.predict(*args, api_name="/train")
+    assert "done" in text_of(status), status
+    assert "trained 1 steps" in result and (out_dir / "compat_ddpo.safetensors").is_file(), result
+    return result.splitlines()[0]
+
+
 def _tuple(value):
     return value if isinstance(value, (tuple, list)) else (value,)
 
@@ -240,6 +249,7 @@ def main(argv=None) -> int:
                 checks.run("Score", check_score, client, assets)
                 if model_dir is not None:
                     checks.run("Sample", check_sample, client, model_dir)
+                    checks.run("Train", check_train, client, model_dir, out_dir)
         finally:
             demo.close()
     passed = sum(r["ok"] for r in checks.results)
