@@ -9,7 +9,10 @@ each prompt k times and a sampling run asks for the same prompts at every step.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from ..clip_tokenizer import load_clip_tokenizer
 from ..errors import WeightsNotFoundError
 from .clip_loading import load_hf_clip
 from .clip_torch import CLIPTorch
+
+log = logging.getLogger(__name__)
 
 _CACHE_LIMIT = 4096
 
@@ -88,8 +93,7 @@ class TorchClipBackbone(ClipBackbone):
         return self.module.image_features(pixels)
 
     def _text(self, prompts):
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids
-        return self.module.text_features(ids.to(self.device))
+        return self.module.text_features(tokenize(self.tokenizer, prompts).to(self.device))
 
 
 class OpenClipBackbone(ClipBackbone):
@@ -110,12 +114,37 @@ class OpenClipBackbone(ClipBackbone):
         return self.module.encode_text(self.tokenizer(prompts).to(self.device))
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(folder: str | None):
+    return load_clip_tokenizer(folder, max_length=77)
+
+
+_tokenize_lock = threading.Lock()
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """CLIP token ids [B,77], padded and truncated as in CLIP training. Serialized: a shared fast
+    tokenizer mutates its padding/truncation state per call ("Already borrowed" across threads)."""
+    with _tokenize_lock:
+        return tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids
+
+
+def clip_tokenizer(folder: str | os.PathLike | None = None):
+    """The CLIP tokenizer of `folder` (default: the bundled BPE), built once per process (~1 s each)."""
+    return _cached_tokenizer(str(Path(folder).expanduser().resolve()) if folder else None)
+
+
 def folder_tokenizer(folder: Path, tokenizer_path: str | os.PathLike | None = None):
     """The tokenizer a model folder ships (vocab.json + merges.txt or tokenizer.json), else the bundled CLIP BPE."""
     if tokenizer_path:
-        return load_clip_tokenizer(tokenizer_path)
+        return clip_tokenizer(tokenizer_path)
     has = ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or (folder / "tokenizer.json").is_file()
-    return load_clip_tokenizer(folder if has else None)
+    if has:
+        try:
+            return clip_tokenizer(folder)
+        except Exception as exc:  # e.g. a tokenizer.json-only folder under transformers 4's slow tokenizer
+            log.warning("cannot read the tokenizer in %s (%s); using the bundled CLIP BPE, which CLIP models share", folder, exc)
+    return clip_tokenizer(None)
 
 
 def load_clip_backbone(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,

@@ -56,12 +56,6 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
 
 
-def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Remove `prefix` from every key that has it."""
-    n = len(prefix)
-    return {(k[n:] if k.startswith(prefix) else k): v for k, v in sd.items()}
-
-
 def drop_position_ids(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers < 4.31 saved `*.embeddings.position_ids` buffers (arange); we compute them."""
     return {k: v for k, v in sd.items() if not k.endswith("position_ids")}

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..clip_tokenizer import load_clip_tokenizer
+from .backbones import clip_tokenizer, tokenize
 from .base import Scorer
 from .spm_model import StepAwarePreferenceModel, load_spm
 
@@ -28,7 +28,7 @@ class SPMScorer(Scorer):
     def __init__(self, model: StepAwarePreferenceModel, tokenizer=None, device="cpu", dtype=torch.float32):
         super().__init__(device, dtype)
         self.model = model.to(device=device, dtype=dtype).eval()
-        self.tokenizer = tokenizer if tokenizer is not None else load_clip_tokenizer(max_length=77)
+        self.tokenizer = tokenizer if tokenizer is not None else clip_tokenizer()
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -36,7 +36,7 @@ class SPMScorer(Scorer):
                   tokenizer_path: str | os.PathLike | None = None) -> "SPMScorer":
         """A released .bin, a `spo scorer convert` safetensors, or a folder holding one."""
         model = load_spm(path, device=device, dtype=dtype)
-        tokenizer = load_clip_tokenizer(tokenizer_path) if tokenizer_path else None
+        tokenizer = clip_tokenizer(tokenizer_path) if tokenizer_path else None
         return cls(model, tokenizer, device, dtype)
 
     def modules(self):
@@ -48,7 +48,7 @@ class SPMScorer(Scorer):
 
     def input_ids(self, prompts: list[str]) -> torch.Tensor:
         """CLIP token ids [B,77] as in SPO's training (padded to 77 with the end token)."""
-        return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids
+        return tokenize(self.tokenizer, prompts)
 
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelMismatchError, WeightsNotFoundError
+from ..errors import ConfigError, ModelMismatchError, WeightsNotFoundError
 from ..safe_io import LazyTensor, atomic_output, save_safetensors_lazy
 from .clip_loading import (CONFIG_METADATA_KEY, assign_weights, check_state_dict, clip_kind_hint, drop_position_ids,
-                           load_hf_config, read_weights, strip_prefix)
+                           find_hf_weights, key_mismatch_message, load_hf_config, read_weights)
 from .clip_torch import CLIPConfigLite, CLIPTorch, clip_h14_config
 from .preprocess import spm_pixels
 
@@ -79,10 +79,11 @@ class StepAwarePreferenceModel(nn.Module):
     @classmethod
     def identity(cls, cfg: CLIPConfigLite, seed: int | None = None) -> "StepAwarePreferenceModel":
         """A new model (random CLIP weights) at SPO's identity initialization of the adaLN."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        model = cls(cfg)
-        init_adaln_identity(model)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = cls(cfg)
+            init_adaln_identity(model)
         return model
 
     @classmethod
@@ -93,8 +94,6 @@ class StepAwarePreferenceModel(nn.Module):
         `source`: a state dict (transformers CLIPModel names, `position_ids` tolerated), a
         transformers `CLIPModel`, a `CLIPTorch`, or a transformers CLIP folder (PickScore_v1)."""
         if isinstance(source, (str, os.PathLike)):
-            from .clip_loading import find_hf_weights
-
             folder = Path(source).expanduser()
             if not folder.is_dir():
                 raise WeightsNotFoundError(f"CLIP folder not found: {folder}")
@@ -105,7 +104,7 @@ class StepAwarePreferenceModel(nn.Module):
                 cfg = source.cfg if isinstance(source, CLIPTorch) else CLIPConfigLite.from_transformers(source.config)
             source = source.state_dict()
         if cfg is None:
-            raise ValueError("from_clip(state_dict) needs the CLIP configuration (cfg=...)")
+            raise ConfigError("from_clip(state_dict) needs the CLIP configuration (cfg=...)")
         sd = drop_position_ids(source)
         with torch.device("meta"):
             model = cls(cfg)
@@ -114,8 +113,6 @@ class StepAwarePreferenceModel(nn.Module):
         missing = sorted(clip_keys - set(sd))
         unexpected = sorted(set(sd) - clip_keys)
         if missing or unexpected:
-            from .clip_loading import key_mismatch_message
-
             raise ModelMismatchError(key_mismatch_message("the CLIP state dict", missing, unexpected,
                                                           clip_kind_hint(missing, unexpected)))
         tensors = {}
