@@ -112,8 +112,10 @@ def test_outputs_load_in_diffusers_with_the_trained_effect(host, straight):
 
 def test_validation_grid_and_progress_events(host, tmp_path):
     events = []
-    result = train(spo_config(tmp_path, max_steps=2, validate_every=1, validation_prompts=["a lake"], validation_seeds=[1, 2]),
-                   host, BrightnessScorer(), progress=events.append)
+    result = train(spo_config(tmp_path, max_steps=2, validate_every=1, validation_prompts=["a lake"], validation_seeds=[1, 2],
+                              lora_format="webui+diffusers"), host, BrightnessScorer(), progress=events.append)
+    assert [p.name for p in result.lora_paths] == ["spo_lora.safetensors", "spo_lora_diffusers.safetensors"]
+    assert any(k.endswith(".lora.down.weight") for k in lora_tensors(result.lora_paths[1]))
     assert [p.name for p in result.validation_paths] == ["step-000001.png", "step-000002.png"]
     from PIL import Image
 
@@ -124,6 +126,34 @@ def test_validation_grid_and_progress_events(host, tmp_path):
     step_events = [e for e in events if e.stage == "training" and e.step == 1]
     assert step_events and {"loss", "score_margin", "implicit_acc", "ratio_win", "eta_s"} <= set(step_events[0].metrics)
     assert any(e.preview is not None for e in events)
+
+
+def test_runs_inside_inference_mode_with_bf16_autocast(host, tmp_path):
+    """ComfyUI runs node bodies under torch.inference_mode(); the trainer leaves it itself."""
+    with torch.inference_mode():
+        result = train(spo_config(tmp_path, max_steps=1, mixed_precision="bf16"), host, BrightnessScorer())
+    assert result.steps == 1 and all(m.up.dtype == torch.float32 for m in result.lora.modules.values())
+    assert any(float(m.up.abs().max()) > 0 for m in result.lora.modules.values())
+
+
+def test_gradient_accumulation_equals_the_larger_batch(host, tmp_path):
+    one = train(spo_config(tmp_path / "a", max_steps=2, train_batch_size=2, gradient_accumulation=1), host, BrightnessScorer())
+    two = train(spo_config(tmp_path / "b", max_steps=2, train_batch_size=1, gradient_accumulation=2), host, BrightnessScorer())
+    _assert_same_lora(one.lora_path, two.lora_path, atol=1e-5)
+    assert one.history[-1]["loss"] == pytest.approx(two.history[-1]["loss"], abs=1e-5)
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_install(host, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    from spo_core.errors import MissingDependencyError
+
+    with pytest.raises(MissingDependencyError, match="pip install bitsandbytes"):
+        train(spo_config(tmp_path, max_steps=1, optimizer="adamw8bit"), host, BrightnessScorer())
 
 
 def test_fresh_run_refuses_an_existing_output_and_resume_refuses_changed_settings(host, straight, tmp_path):

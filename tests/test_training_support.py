@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -40,7 +41,10 @@ class single_thread:
         torch.set_num_threads(self.old)
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_host(sdxl: bool = False, seed: int = 0) -> DiffusersTrainingHost:
+    """A tiny SD1.5 (or SDXL) host, built once per test session: every test leaves it as it found it
+    (networks detached, parameters' requires_grad and checkpointing restored)."""
     from spo_core.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline(seed) if sdxl else tiny_sd15_pipeline(seed)

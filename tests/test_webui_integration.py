@@ -189,3 +189,39 @@ def test_txt2img_with_the_spo_sampler(server):
     text = info["infotexts"][0]
     assert f"Sampler: {SAMPLER}" in text and "SPO k: 2" in text and "SPO scorer: jpeg_compressibility" in text, text
     assert len(r["images"]) == 2
+
+
+CLIENT_SNIPPET = r'''
+import json, sys
+from gradio_client import Client
+url, payload = sys.argv[1], json.loads(sys.argv[2])
+try:
+    client = Client(url, verbose=False)
+except TypeError:
+    client = Client(url)
+out = client.predict(*payload, api_name="/train")
+print(json.dumps(list(out) if isinstance(out, (list, tuple)) else [out], default=str))
+'''
+
+
+def test_train_tab_on_the_loaded_checkpoint(server):
+    """The SPO tab's Train action through the WebUI's own gradio (client of the WebUI's version):
+    one DDPO step on the loaded checkpoint at 64 px, the LoRA lands in the LoRA folder, and
+    txt2img applies it."""
+    python = os.environ.get("WEBUI_PYTHON") or sys.executable
+    name = "spo_tab_trained"
+    args = ["", "ddpo", "auto", "a red cube\na blue ball", None, "", "jpeg_compressibility", None, 1, 0, 0, 0,
+            1, 1, 64, 3, False, "no", 0, -1, 1, name, False, True]
+    proc = subprocess.run([python, "-c", CLIENT_SNIPPET, server["url"] + "/", json.dumps(args)], capture_output=True,
+                          text=True, timeout=1800, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:] + server["log"].read_text()[-4000:]
+    status, _plot, _preview, result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "done" in status and "trained 1 steps" in result, (status, result, server["log"].read_text()[-4000:])
+    lora = server["data"] / "models" / "Lora" / f"{name}.safetensors"
+    assert lora.is_file() and "LoRA list refreshed" in result
+    r = _call(server["url"] + "/sdapi/v1/txt2img", {"prompt": f"a red cube <lora:{name}:1>", "steps": 2, "width": 64,
+                                                    "height": 64, "sampler_name": "Euler a", "seed": 1})
+    text = json.loads(r["info"])["infotexts"][0]
+    assert "Networks with errors" not in text and "Networks with errors" not in server["log"].read_text()
+    if not server["forge"]:
+        assert name in text, text

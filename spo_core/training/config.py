@@ -236,7 +236,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      seed=42, validation_prompts=["A beautiful lake"]),
     # diffusers examples/research_projects/diffusion_dpo (LoRA form, beta 2500, rank 8 in its README)
     "diffusion-dpo": dict(method="diffusion_dpo", beta=2500.0, dpo_loss="sigmoid", rank=8, alpha=8.0, targets="attn",
-                          init="kaiming", learning_rate=1e-5, weight_decay=1e-2, max_grad_norm=1.0, guidance_scale=1.0),
+                          init="kaiming", learning_rate=1e-5, weight_decay=1e-2, max_grad_norm=1.0),
     # NCP-DPO scripts: LoRA r = alpha = 64 on the attention projections, beta 2500, down-block features at t-1
     "ncp-dpo": dict(method="ncp_dpo", beta=2500.0, ncp_variant="dpo", ncp_features="down", rank=64, alpha=64.0,
                     targets="attn", init="kaiming", learning_rate=5e-6, max_grad_norm=1.0),

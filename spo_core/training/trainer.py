@@ -171,8 +171,8 @@ class Trainer:
             self._checkpointing_on = True
         self.optimizer = self._make_optimizer()
         self.scaler = None
-        if cfg.mixed_precision == "fp16" and self.device.type == "cuda":
-            self.scaler = torch.amp.GradScaler("cuda")
+        if self.device.type == "cuda" and (cfg.mixed_precision == "fp16" or self.host.dtype == torch.float16):
+            self.scaler = torch.amp.GradScaler("cuda")  # fp16 activations: scale the loss so gradients do not underflow
         self.train_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 3 + self.rank)
         self.sigmas = self.host.schedule.spo_sigmas(cfg.steps)
         self.denoiser_cfg = self.host.denoiser(cfg.guidance_scale)
@@ -183,7 +183,7 @@ class Trainer:
         if cfg.validate_every >= 0 and self.rank == 0:
             vprompts = cfg.validation_prompts or validation_default[:2]
             self.validator = Validator(self.host, self.network, vprompts, cfg.validation_seeds or [0], cfg.steps,
-                                       cfg.guidance_scale if cfg.method != "diffusion_dpo" else 5.0,
+                                       cfg.guidance_scale,
                                        cfg.negative_prompt or None, cfg.height, cfg.width, self.autocast)
         if resume_from is not None:
             self._load_checkpoint(resume_from)
@@ -210,9 +210,14 @@ class Trainer:
         params = self.network.trainable_parameters()
         kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         if cfg.optimizer == "adamw8bit":
-            from ..errors import require
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                from ..errors import MissingDependencyError
 
-            bnb = require("bitsandbytes", "8-bit AdamW", "train8bit")
+                raise MissingDependencyError(
+                    f"optimizer adamw8bit needs bitsandbytes, which is not importable here ({exc}); install it with "
+                    "pip install bitsandbytes, or use optimizer adamw") from exc
             return bnb.optim.AdamW8bit(params, **kw)
         return torch.optim.AdamW(params, **kw)
 
