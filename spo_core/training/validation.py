@@ -8,7 +8,7 @@ base, LoRA), also sent to the UIs as the progress preview.
 from __future__ import annotations
 
 import textwrap
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -45,21 +45,28 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 def grid_image(base: torch.Tensor, lora: torch.Tensor, labels: Sequence[str], title: str = "", tile: int | None = None) -> Image.Image:
     """Rows of [base | LoRA] tiles with a label per row and a header."""
-    n, _, h, w = base.shape
+    return columns_grid({"base": base, "base + LoRA": lora}, labels, title, tile)
+
+
+def columns_grid(columns: Mapping[str, torch.Tensor], labels: Sequence[str], title: str = "",
+                 tile: int | None = None) -> Image.Image:
+    """One row per image index, one column per named image batch [N,3,H,W], a label per row."""
+    batches = list(columns.values())
+    n, _, h, w = batches[0].shape
     size = tile or max(128, min(256, max(h, w)))
     scale = size / max(h, w)
     tw, th = max(1, round(w * scale)), max(1, round(h * scale))
     font = ImageFont.load_default()
     label_w, header = 170, 30
-    out = Image.new("RGB", (label_w + 2 * tw + 12, header + n * (th + 6)), "white")
+    out = Image.new("RGB", (label_w + len(batches) * (tw + 6) + 6, header + n * (th + 6)), "white")
     draw = ImageDraw.Draw(out)
     draw.text((4, 4), title, fill="black", font=font)
-    draw.text((label_w, 16), "base", fill="black", font=font)
-    draw.text((label_w + tw + 6, 16), "base + LoRA", fill="black", font=font)
+    for j, name in enumerate(columns):
+        draw.text((label_w + j * (tw + 6), 16), name, fill="black", font=font)
     for i in range(n):
         y = header + i * (th + 6)
-        for j, img in enumerate((base[i], lora[i])):
-            out.paste(to_pil(img).resize((tw, th), Image.NEAREST if scale >= 2 else Image.BICUBIC), (label_w + j * (tw + 6), y))
+        for j, batch in enumerate(batches):
+            out.paste(to_pil(batch[i]).resize((tw, th), Image.NEAREST if scale >= 2 else Image.BICUBIC), (label_w + j * (tw + 6), y))
         lines = textwrap.wrap(labels[i], 26)[:max(1, th // 12)]
         for li, line in enumerate(lines):
             draw.text((4, y + 2 + 12 * li), line, fill="black", font=font)
