@@ -1,0 +1,134 @@
+"""Alignment on the embedded world at equal compute, measured by its exact ground-truth preference.
+
+    python bench/alignment_bench.py [--stages 15,30,60] [--eval-prompts 48] [--methods spo,ddpo,...] [--out bench/results]
+
+On held-out prompts (object pairs never seen together in training), every arm starting from the
+same initial noise, compute counted as UNet image-evaluations (every forward's batch rows; CFG
+counts 2 per image; sampling, scoring rollouts and training forwards alike):
+
+1. training: SPO (learning from the shipped step-aware preference model) vs Diffusion-DPO and
+   NCP-DPO (offline pairs of base samples labelled by the ground truth; their sampling counted)
+   vs DDPO (ground-truth reward). Each run is evaluated after every stage of optimizer steps
+   (resumed from its checkpoint), giving GT against evaluations spent;
+2. sampling at equal evaluations (4 per image-step): the per-step resampler (greedy and softmax,
+   k = 4) vs best-of-4 vs plain sampling, on the base model, scored by the shipped SPM.
+
+Prints a table and writes alignment_bench.json and alignment_bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spo_core.plots import save_png  # noqa: E402
+from spo_core.scorers.spm import SPMScorer  # noqa: E402
+from spo_core.world.demo import (DemoConfig, UNetCounter, _fresh_backend, _merged_backend,  # noqa: E402
+                                 heldout_eval_set, paired_comparison, sample_arm, train_lora)
+from spo_core.world.train_spm import SPM_PATH  # noqa: E402
+
+
+def xy_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str):
+    """Lines of (x, y) points per named series, each with its own x values."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    w, h, left, right, top, bottom = 760, 380, 64, 190, 28, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 8), title, fill="black", font=font)
+    pts = [p for v in series.values() for p in v]
+    x0, x1 = 0.0, max(p[0] for p in pts) * 1.05 or 1.0
+    y0, y1 = min(p[1] for p in pts) - 0.01, max(p[1] for p in pts) + 0.01
+
+    def xy(p):
+        return left + (p[0] - x0) / (x1 - x0) * (w - left - right), h - bottom - (p[1] - y0) / (y1 - y0) * (h - top - bottom)
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        d.text((4, xy((0, yv))[1] - 6), f"{yv:.3f}", fill="black", font=font)
+        xv = x0 + (x1 - x0) * i / 4
+        d.text((xy((xv, y0))[0] - 12, h - bottom + 6), f"{xv / 1e3:.0f}k", fill="black", font=font)
+    d.text((left, h - 14), x_label, fill="black", font=font)
+    d.text((4, top - 14), y_label, fill="black", font=font)
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (120, 120, 120)]
+    for i, (name, points) in enumerate(series.items()):
+        c = colours[i % len(colours)]
+        xys = [xy(p) for p in points]
+        if len(xys) > 1:
+            d.line(xys, fill=c, width=2)
+        for px, py in xys:
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
+        d.text((w - right + 8, top + 14 * i), name, fill=c, font=font)
+    return img
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stages", default="15,30,60", help="optimizer steps at which each run is evaluated")
+    p.add_argument("--eval-prompts", type=int, default=48)
+    p.add_argument("--methods", default="spo,diffusion_dpo,ncp_dpo,ddpo")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--work", type=Path, default=Path("/tmp/spo_alignment_bench"))
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stages = [int(v) for v in args.stages.split(",")]
+    scorer = SPMScorer.from_path(SPM_PATH)
+    pairs = heldout_eval_set(args.eval_prompts, 2)
+    base = _fresh_backend()
+    t0 = time.perf_counter()
+    plain = sample_arm("base", base, pairs)
+    print(f"base: {plain.stats.line()}", flush=True)
+
+    training: dict[str, list[dict]] = {}
+    for method in [m for m in args.methods.split(",") if m]:
+        spent = [0]
+        training[method] = []
+        for i, steps in enumerate(stages):
+            cfg = DemoConfig(out=args.work / method, method=method, train_steps=steps, eval_prompts=args.eval_prompts)
+            t = time.perf_counter()
+            result = train_lora(cfg, scorer, counter=spent, resume=i > 0)
+            arm = sample_arm(method, _merged_backend(result.lora_path), pairs)
+            row = {"steps": result.steps, "unet_evaluations": spent[0], "train_seconds": time.perf_counter() - t,
+                   **arm.stats.as_dict(), "vs_base": paired_comparison(arm.gt, plain.gt)}
+            training[method].append(row)
+            print(f"{method} @ {steps} steps, {spent[0]:,} UNet evaluations: GT {arm.stats.mean:.3f} | vs base "
+                  f"{row['vs_base']['mean_delta']:+.3f}, better on {row['vs_base']['win']:.0%} | {row['train_seconds']:.0f}s",
+                  flush=True)
+
+    sampling = {}
+    for name, kw in (("plain", dict()), ("resampler greedy k=4", dict(k=4, policy="greedy")),
+                     ("resampler softmax k=4", dict(k=4, policy="softmax")), ("best-of-4", dict(best_of=4))):
+        count = UNetCounter(base.pipe.unet)
+        arm = sample_arm(name, base, pairs, scorer if kw else None, **kw)
+        count.close()
+        sampling[name] = {**arm.stats.as_dict(), "seconds": arm.seconds, "unet_evaluations": count.rows,
+                          "unet_evaluations_per_image": count.rows / len(pairs), "vs_base": paired_comparison(arm.gt, plain.gt)}
+        print(f"{name}: {arm.stats.line()} | vs plain {sampling[name]['vs_base']['mean_delta']:+.3f} "
+              f"| {count.rows / len(pairs):.0f} UNet evaluations per image, {arm.seconds:.0f}s", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    series = {m: [(0.0, plain.stats.mean)] + [(r["unet_evaluations"], r["mean"]) for r in rows] for m, rows in training.items()}
+    save_png(xy_chart(series, f"held-out GT preference vs training compute ({len(pairs)} images)",
+                      "UNet image-evaluations spent in training", "GT"), args.out / "alignment_bench.png")
+    record = {"machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+                          "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+              "eval_images": len(pairs), "stages": stages, "base": plain.stats.as_dict(), "training": training,
+              "sampling": sampling, "seconds": time.perf_counter() - t0}
+    (args.out / "alignment_bench.json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out / 'alignment_bench.json'} and {args.out / 'alignment_bench.png'}")
+
+
+if __name__ == "__main__":
+    main()
