@@ -31,7 +31,7 @@ def _options_inputs() -> list[In]:
            min=0, max=999, step=1),
         In("score_every", "INT", "Draw a pool at every n-th step inside the window.", default=1, min=1, max=100, step=1),
         In("temperature", "FLOAT", "softmax policy: lower = greedier.", default=1.0, min=0.01, max=100.0, step=0.01),
-        In("lookahead_steps", "INT", "Denoise each candidate this many more steps before scoring it (SDXL SPO uses 2).",
+        In("lookahead_steps", "INT", "Denoise each candidate this many more steps before scoring it (SDXL SPO uses 3).",
            default=0, min=0, max=10, step=1),
     ]
 

@@ -166,9 +166,9 @@ def _common_overrides(output_name: str, resume: bool, overwrite: bool, seed: int
 def _common_inputs() -> list[In]:
     return [
         In("train_steps", "INT", "Optimizer steps to train.", default=100, min=1, max=1_000_000, step=1),
-        In("learning_rate", "FLOAT", "0 = the preset's (SPO SD1.5 6e-5, SDXL 1e-5).", default=0.0, min=0.0, max=1.0,
+        In("learning_rate", "FLOAT", "0 = the preset's (SPO: SD1.5 6e-5, SDXL 1e-5; Diffusion-DPO 1e-5; NCP-DPO 5e-6).", default=0.0, min=0.0, max=1.0,
            step=1e-6, round=1e-8),
-        In("rank", "INT", "LoRA rank (alpha = rank); 0 = the preset's (SD1.5 4, SDXL 64).", default=0, min=0, max=512, step=1),
+        In("rank", "INT", "LoRA rank (alpha = rank); 0 = the preset's (SPO: SD1.5 4, SDXL 64; Diffusion-DPO 8; NCP-DPO 64).", default=0, min=0, max=512, step=1),
         In("width", "INT", "Training image width; 0 = the model's (512 / 1024).", default=0, min=0, max=4096, step=8),
         In("height", "INT", "Training image height; 0 = the model's.", default=0, min=0, max=4096, step=8),
         In("seed", "INT", "Seed of every random draw (resume continues it exactly).", default=42, min=0,

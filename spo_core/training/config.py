@@ -288,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = groups.get(group_name) or parser.add_argument_group(f"{group_name} settings")
         groups[group_name] = group
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "").replace("{presets}", ", ".join(PRESETS))
+        help_text = f.metadata.get("help", "").replace("{presets}", ", ".join(PRESETS)).replace("%", "%%")  # argparse formats help with %
         kind = _field_kind(f)
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

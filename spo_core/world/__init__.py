@@ -28,6 +28,7 @@ BASE_MODEL_DIR: Path = BASE_DIR
 def load_world_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | Path | None = None):
     """The shipped base model as a diffusers StableDiffusionPipeline (DDIM scheduler, no safety
     checker, the CLIP tokenizer built offline). Never downloads anything."""
+    from ..backends.diffusers_backend import _quiet_load
     from ..clip_tokenizer import load_clip_tokenizer
     from ..errors import FileMissingError, require
 
@@ -40,8 +41,8 @@ def load_world_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype =
     bars = diffusers.utils.logging.is_progress_bar_enabled()
     diffusers.utils.logging.disable_progress_bar()  # no "Loading pipeline components" bars: the models are tiny
     try:
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            str(folder), tokenizer=load_clip_tokenizer(), safety_checker=None, feature_extractor=None,
+        pipe = _quiet_load(
+            diffusers.StableDiffusionPipeline.from_pretrained, str(folder), tokenizer=load_clip_tokenizer(), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, torch_dtype=dtype, local_files_only=True)
     finally:
         if bars:
