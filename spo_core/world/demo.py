@@ -203,10 +203,15 @@ def train_lora(cfg: DemoConfig, scorer, progress: ProgressFn | None = None, canc
     try:
         pairs = None
         if cfg.method in ("diffusion_dpo", "ncp_dpo"):
-            key = (tuple(chosen), cfg.seed)  # sampled once per process: a resumed run reuses them
-            if key not in _DPO_PAIRS:
-                _DPO_PAIRS[key] = preference_pairs_for_dpo(backend.pipe, chosen, cfg.seed, progress)
-            pairs = _DPO_PAIRS[key]
+            key = (tuple(chosen), cfg.seed)  # sampled once per process, reused by resumed runs and other methods
+            if key in _DPO_PAIRS:
+                pairs, rows = _DPO_PAIRS[key]
+                if not resume:  # a new run is charged for its pairs' sampling, as if it had drawn them
+                    count.rows += rows
+            else:
+                before = count.rows
+                pairs = preference_pairs_for_dpo(backend.pipe, chosen, cfg.seed, progress)
+                _DPO_PAIRS[key] = (pairs, count.rows - before)
         reward = WorldGroundTruthScorer() if cfg.method == "ddpo" else scorer
         host = DiffusersTrainingHost(backend, model_name="spo-world-base")
         return train(tc, host, reward if cfg.method in ("spo", "ddpo") else None, prompts=chosen, pairs=pairs,
