@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # (distribution name, pip requirement) the pack needs in every host
 CORE = [("safetensors", "safetensors>=0.4"), ("numpy", "numpy>=1.23"), ("pillow", "pillow>=9.0"), ("tqdm", "tqdm>=4.60")]
+if sys.version_info < (3, 11):  # TOML training configs: tomllib arrived in 3.11 (A1111 runs 3.10)
+    CORE.append(("tomli", "tomli>=1.1"))
 
 # optional groups; in a WebUI only the groups that cannot collide with its pins are allowed
 EXTRAS = {

@@ -201,9 +201,14 @@ class TrainConfig:
             if p.suffix.lower() == ".json":
                 data = json.loads(text)
             else:
-                import tomllib
-
+                try:
+                    import tomllib
+                except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` package
+                    import tomli as tomllib
                 data = tomllib.loads(text)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"reading {p} on Python 3.10 needs the tomli package (pip install tomli), "
+                              "or give the settings as JSON") from exc
         except Exception as exc:  # tomllib.TOMLDecodeError / json.JSONDecodeError
             raise ConfigError(f"cannot parse {p}: {exc}") from exc
         return cls.from_dict(data, base)
