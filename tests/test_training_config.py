@@ -173,3 +173,16 @@ def test_line_charts(tmp_path):
     records = [{"step": i, "loss": 1 / i, "score_margin": i} for i in range(1, 40)]
     save_png(curves_from_records(records, [["loss"], ["score_margin"]], smooth_window=10), tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").height > 400
+
+
+def test_model_and_optimizer_sections_are_flattened(tmp_path):
+    """[model] and [optimizer] share a setting's name; as tables they are sections, not values."""
+    from spo_core.training.config import TrainConfig
+
+    f = tmp_path / "run.json"
+    f.write_text('{"model": {"model": "./sd15", "arch": "sd15"}, "optimizer": {"optimizer": "adamw", '
+                 '"train_batch_size": 3}, "sampling": {"scorer_options": {"quality": 80}}}')
+    cfg = TrainConfig.from_file(str(f))
+    assert cfg.model == "./sd15" and cfg.arch == "sd15"
+    assert cfg.optimizer == "adamw" and cfg.train_batch_size == 3
+    assert cfg.scorer_options == {"quality": 80}

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -367,11 +367,14 @@ def _coerce(cls, name: str, value):
 
 
 def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(TrainConfig)}
+    # settings whose value is itself a table; any other table is a section such as [lora], [model] or
+    # [optimizer] (the last two share a setting's name, but those settings are strings)
+    table_settings = {f.name for f in fields(TrainConfig)
+                      if f.default_factory is not MISSING and isinstance(f.default_factory(), dict)}
     out: dict[str, Any] = {}
     for k, v in data.items():
         key = k.replace("-", "_")
-        if isinstance(v, Mapping) and key not in names:  # a TOML section such as [lora]
+        if isinstance(v, Mapping) and key not in table_settings:
             out.update(_flatten(v))
         else:
             out[key] = v
