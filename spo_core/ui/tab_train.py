@@ -70,7 +70,7 @@ def build_config(form: TrainForm, arch: str | None, output_dir: Path, host_dtype
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset = form.preset
     if preset == "auto":
-        preset = {"spo": "spo-sdxl" if arch == "sdxl" else "spo-sd15", "ddpo": "ddpo", "diffusion_dpo": "diffusion-dpo",
+        preset = {"spo": "spo-sdxl" if arch in ("sdxl", "custom-sdxl") else "spo-sd15", "ddpo": "ddpo", "diffusion_dpo": "diffusion-dpo",
                   "ncp_dpo": "ncp-dpo"}[method]
     cfg = apply_preset(TrainConfig(), preset) if preset not in ("", "none") else TrainConfig()
     cfg.method = method

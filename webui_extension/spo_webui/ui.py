@@ -62,7 +62,8 @@ def sampler_controls(defaults: SPOOptions, weight_choices: list[str]) -> tuple[l
         choices.append(weights_value)
     with gr.Accordion("SPO sampler (k candidates per step)", open=False):
         gr.Markdown("Used when the sampler is **SPO Euler a (k candidates)**: at each step inside the timestep window, "
-                    "k candidates are drawn from the same latent, scored, and the best (greedy) is kept.")
+                    "k candidates are drawn from the same latent and scored; the policy keeps one (greedy: the best, "
+                    "softmax: a draw weighted by score, random: any, scores recorded).")
         with gr.Row():
             k = gr.Slider(minimum=1, maximum=16, step=1, value=defaults.k, label="k candidates")
             policy = gr.Radio(POLICIES, value=defaults.policy, label="policy")
