@@ -59,6 +59,15 @@ def set_determinism(seed: int, threads: int = 1) -> None:
     torch.use_deterministic_algorithms(True)
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params, max_grad_norm: float = 1.0) -> None:
+    """One step of the world's training scripts: backward, clip the gradient norm, step, schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    sched.step()
+
+
 def build_vae(config: dict | None = None):
     diffusers = require("diffusers", "the embedded world", "diffusers")
     return diffusers.AutoencoderKL(**(config or VAE_CONFIG))

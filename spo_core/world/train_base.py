@@ -35,7 +35,7 @@ from ..progress import ProgressFn, Reporter
 from .dataset import heldout_eval_set, heldout_prompts, train_prompts
 from .evaluate import gt_stats, sample_images
 from .models import (BASE_DIR, TEXT_CONFIG, UNET_CONFIG, build_scheduler, build_text_encoder, build_unet,
-                     count_parameters, set_determinism)
+                     count_parameters, optimizer_step, set_determinism)
 from .noisy_data import DataNoise, training_batch
 
 log = logging.getLogger(__name__)
@@ -166,11 +166,7 @@ def train_base(cfg: BaseTrainConfig, out: Path, work: Path | None = None, progre
         per_sample = F.mse_loss(pred, eps, reduction="none").mean((1, 2, 3))
         w = (snr[t].clamp(max=cfg.min_snr_gamma) / snr[t]) if cfg.min_snr_gamma > 0 else torch.ones_like(per_sample)
         loss = (w * per_sample).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, params)
         ema_unet.update(unet); ema_text.update(text_encoder)
         rep.update(step, loss=loss.item())
         if step % 50 == 0:

@@ -38,7 +38,7 @@ from ..scorers.clip_torch import CLIPConfigLite, TextConfig, VisionConfig
 from ..scorers.spm_model import StepAwarePreferenceModel, init_adaln_identity, preference_loss, save_spm
 from . import load_world_pipeline
 from .dataset import heldout_prompts, parse_caption
-from .models import WEIGHTS_DIR, set_determinism
+from .models import WEIGHTS_DIR, optimizer_step, set_determinism
 from .noisy_data import DataNoise, corrupt_caption, training_batch
 from .preference import ground_truth
 from .spm_data import PairPool, build_pair_pool, noised_predictions, spm_batches
@@ -100,11 +100,7 @@ def train_clip_stage(model: StepAwarePreferenceModel, cfg: SPMTrainConfig, token
         target = same / same.sum(1, keepdim=True)
         b = len(captions)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].T, target[:, :b]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, model.parameters())
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         rep.update(step, loss=loss.item())
@@ -173,11 +169,7 @@ def train_spm(cfg: SPMTrainConfig, pipe, progress: ProgressFn | None = None):
         caps2 = [c for c in b.captions for _ in range(2)]
         logits = model(b.predicted.flatten(0, 1), tokenize(tokenizer, caps2), b.timesteps.repeat_interleave(2)).reshape(n, 2)
         loss = preference_loss(logits[:, 0], logits[:, 1], b.labels[:, 0], b.labels[:, 1])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, model.parameters())
         rep.update(step, loss=loss.item())
         if step % 100 == 0:
             log.info("SPM step %d loss %.4f | %.0fs", step, loss.item(), time.perf_counter() - t0)

@@ -23,7 +23,7 @@ import torch
 
 from ..progress import ProgressFn, Reporter
 from .dataset import heldout_eval_set, render_batch
-from .models import BASE_DIR, VAE_CONFIG, build_vae, count_parameters, set_determinism
+from .models import BASE_DIR, VAE_CONFIG, build_vae, count_parameters, optimizer_step, set_determinism
 from .noisy_data import DataNoise, training_batch
 from .preference import ground_truth
 
@@ -92,11 +92,7 @@ def train_vae(cfg: VAETrainConfig, progress: ProgressFn | None = None):
         rec_loss = (rec - x).abs().mean() + (rec - x).square().mean()
         kl = post.kl().mean()  # summed over latent elements, as SD's VAE loss does
         loss = rec_loss + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, vae.parameters())
         rep.update(step, loss=loss.item())
         if step % cfg.eval_every == 0 or step == cfg.steps:
             r = reconstruction_report(vae, eval_x, eval_caps)
