@@ -59,6 +59,14 @@ def test_print_config_resolves_presets_and_flags(capsys):
     assert "k = 2" in text and "inner_steps = 3" in text and "rank = 32" in text and "threshold = 0.4" in text
 
 
+def test_print_config_needs_no_data_and_takes_method_aliases(capsys):
+    assert main(["train", "--method", "dpo", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert 'method = "diffusion_dpo"' in text and "beta = 2500.0" in text and "learning_rate = 1e-05" in text
+    assert main(["train", "--method", "spo"]) == 2  # a real run still needs its prompts
+    assert "prompt" in capsys.readouterr().err
+
+
 def test_missing_model_is_a_clear_error(capsys):
     assert main(["train", "--prompts", "p.txt"]) == 2
     assert "--model" in capsys.readouterr().err

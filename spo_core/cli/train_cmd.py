@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_file(args.config, base) if args.config else base
     cfg = from_args(args, cfg, preset=False)
     if args.print_config:
-        sys.stdout.write(cfg.resolved().to_toml())
+        sys.stdout.write(cfg.resolved(require_data=False).to_toml())
         return 0
     resolved = cfg.resolved()
     if not resolved.model:

@@ -33,7 +33,8 @@ def _f(default, help: str, group: str = "general", **kw):
 @dataclass
 class TrainConfig:
     # -- what and where ---------------------------------------------------------------------
-    method: str = _f("spo", "spo, diffusion_dpo, ncp_dpo or ddpo", choices=METHODS)
+    method: str = _f("spo", "spo, diffusion_dpo (alias dpo), ncp_dpo (alias ncp) or ddpo",
+                     choices=METHODS + tuple(METHOD_ALIASES))
     preset: str | None = _f(None, "preset applied before the other settings: " + "{presets}")
     output_dir: str = _f("spo_output", "folder for the LoRA, checkpoints, log, curves and validation grids")
     output_name: str = _f("spo_lora", "file name (without .safetensors) of the trained LoRA")
@@ -113,8 +114,9 @@ class TrainConfig:
     log_every: int = _f(1, "progress/log line every N steps", "output")
 
     # -------------------------------------------------------------------------------------------
-    def resolved(self) -> "TrainConfig":
-        """A copy with method aliases and method-dependent defaults filled in, validated."""
+    def resolved(self, require_data: bool = True) -> "TrainConfig":
+        """A copy with method aliases and method-dependent defaults filled in, validated
+        (`require_data=False`: a prompt or pair source may still be missing, e.g. to print a config)."""
         c = dataclasses.replace(self)
         c.method = METHOD_ALIASES.get(c.method.lower(), c.method.lower())
         if c.beta is None:
@@ -123,10 +125,10 @@ class TrainConfig:
             c.learning_rate = {"spo": 6e-5, "diffusion_dpo": 1e-5, "ncp_dpo": 5e-6, "ddpo": 3e-4}.get(c.method, 6e-5)
         if c.alpha is None:
             c.alpha = float(c.rank)
-        c.validate()
+        c.validate(require_data)
         return c
 
-    def validate(self) -> None:
+    def validate(self, require_data: bool = True) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.max_steps < 1:
@@ -141,7 +143,7 @@ class TrainConfig:
                 raise ConfigError(
                     f"{self.method} needs stochastic sampling (eta > 0; SPO uses 1.0): with eta = 0 the step has no "
                     "density to train on")
-            if not self.prompts and not self.prompt_list:
+            if require_data and not self.prompts and not self.prompt_list:
                 raise ConfigError(f"{self.method} trains on prompts: give a prompt file (prompts=...) or prompt_list")
         if self.method == "spo":
             if self.k < 2:
@@ -150,7 +152,7 @@ class TrainConfig:
                 raise ConfigError(f"threshold must be in [0, 1), got {self.threshold}")
             if not 0 < self.clip_eps < 1:
                 raise ConfigError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.method in ("diffusion_dpo", "ncp_dpo") and not self.pairs:
+        if require_data and self.method in ("diffusion_dpo", "ncp_dpo") and not self.pairs:
             raise ConfigError(f"{self.method} trains on preference pairs: give pairs=FOLDER or a JSONL/CSV/parquet file")
         if self.method == "ddpo":
             if not 0 < self.ddpo_timestep_fraction <= 1:

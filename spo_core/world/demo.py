@@ -194,10 +194,10 @@ def train_lora(cfg: DemoConfig, scorer, progress: ProgressFn | None = None, canc
     prompts = train_prompts()
     rng = np.random.default_rng(cfg.seed)
     chosen = [prompts[i] for i in rng.permutation(len(prompts))[:cfg.train_prompts]]
-    tc = TrainConfig(method=cfg.method, output_dir=str(cfg.out / "train"), output_name=f"world_{cfg.method}_lora",
-                     max_steps=cfg.train_steps, seed=cfg.seed, overwrite=not resume, resume="auto" if resume else None,
-                     checkpoint_every=0, validate_every=-1, lora_format="webui", log_every=1, keep_checkpoints=1,
-                     **settings)
+    tc = TrainConfig(**{"method": cfg.method, "output_dir": str(cfg.out / "train"), "output_name": f"world_{cfg.method}_lora",
+                        "max_steps": cfg.train_steps, "seed": cfg.seed, "overwrite": not resume,
+                        "resume": "auto" if resume else None, "checkpoint_every": 0, "validate_every": -1,
+                        "lora_format": "webui", "log_every": 1, "keep_checkpoints": 1, **settings})
     backend = _fresh_backend()
     count = UNetCounter(backend.pipe.unet)
     try:
