@@ -91,3 +91,19 @@ def test_extract_merge_resize_on_single_file_checkpoints(tmp_path, capsys):
     resized = tmp_path / "r1.safetensors"
     assert main(["lora", "resize", str(out), str(resized), "--rank", "1"]) == 0
     assert set(read_lora(resized).ranks()) == {1}
+
+
+def test_inspect_a_custom_model_lora_says_unknown_then_fits_with_model(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from spo_core.world import load_world_backend
+
+    table = load_world_backend().module_table()
+    path = tmp_path / "world_lora.safetensors"
+    save_lora(random_lora(table, spo_modules(table), rank=4), path, fmt="webui")
+    assert main(["lora", "inspect", str(path)]) == 1  # its shapes fit no SD model
+    out = capsys.readouterr().out
+    assert "base model  unknown" in out and "--model" in out
+    assert main(["lora", "inspect", str(path), "--model", "world", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] and data["modules"] == len(spo_modules(table)) and data["arch"].startswith("custom")
+    assert main(["lora", "inspect", str(path), "--model", "world", "--arch", "sd15"]) == 2

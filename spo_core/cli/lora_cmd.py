@@ -15,6 +15,8 @@ def register(sub) -> None:
     i = verbs.add_parser("inspect", help="show format, base model, ranks, modules per block, unmatched keys")
     i.add_argument("file", help="LoRA file (.safetensors/.bin/.pt) or PEFT folder")
     i.add_argument("--arch", choices=["sd15", "sd2", "sdxl"], help="force the base architecture")
+    i.add_argument("--model", help="check the LoRA against this model instead of the SD tables: a diffusers folder "
+                   "or single-file checkpoint, or 'world' (the embedded tiny model)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(handler=_inspect)
 
@@ -69,12 +71,29 @@ def register(sub) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..lora import read_lora, report
 
-    lora = read_lora(args.file, arch=args.arch)
+    arch = args.arch
+    if args.model:
+        if args.arch:
+            raise ConfigError("give --arch or --model, not both")
+        arch = _model_table(args.model)
+    lora = read_lora(args.file, arch=arch)
     rep = report(lora, args.file)
     print(json.dumps(rep.to_dict(), indent=2) if args.json else rep.to_text())
     return 0 if rep.ok else 1
+
+
+def _model_table(model: str):
+    """The LoRA module table of a model the user names (its real module names and shapes)."""
+    if model == "world":
+        from ..world import load_world_backend
+
+        return load_world_backend().module_table()
+    from ..backends import DiffusersBackend
+
+    return DiffusersBackend.from_pretrained(model).module_table()
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -209,7 +209,11 @@ def read_lora(
     lora.source_format = labels.most_common(1)[0][0] if labels else "unknown"
     if len(labels) > 1:
         lora.notes.append("mixed naming schemes: " + ", ".join(f"{k} ({v})" for k, v in labels.most_common()))
-    if claimed and claimed != table.arch:
+    if fitting == 0 and arch is None:
+        lora.notes.append(
+            f"the key names follow a known layout but no module's shapes fit {', '.join(t.arch for t in tables)}: "
+            "a LoRA for another (custom or tiny) model; inspect it against that model (spo lora inspect --model DIR)")
+    elif claimed and claimed != table.arch:
         lora.notes.append(f"metadata says {claimed} but the keys and shapes fit {table.arch}")
     assumed_alpha = 0
     for (comp, mname), p in parts.items():

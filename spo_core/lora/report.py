@@ -104,7 +104,7 @@ def report(lora: LoRA, source: str | os.PathLike | None = None) -> LoRAReport:
     return LoRAReport(
         source=str(source) if source is not None else "(memory)",
         format=lora.source_format,
-        arch=lora.arch,
+        arch=lora.arch if lora.modules or lora.diffs or not lora.problems else "unknown (no known model's shapes fit)",
         claimed_arch=metadata_arch(lora.metadata),
         components=lora.components(),
         modules=len(lora.modules),
