@@ -140,3 +140,18 @@ def test_decoders_rgb_taesd_and_fp16_vae_upcast(tmp_path):
     be.vae.to(torch.float16)  # the tiny VAE's config says force_upcast, like SDXL's original VAE
     out = be.decode(z)
     assert be.vae.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_quiet_load_hides_loading_bars_and_restores_them():
+    pytest.importorskip("diffusers")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    from spo_core.backends.diffusers_backend import quiet_load
+
+    seen = quiet_load(lambda: (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()))
+    assert seen == (False, False)
+    assert dlog.is_progress_bar_enabled() and tlog.is_progress_bar_enabled()
+    with pytest.raises(ValueError):
+        quiet_load(lambda: (_ for _ in ()).throw(ValueError("boom")))
+    assert dlog.is_progress_bar_enabled() and tlog.is_progress_bar_enabled()

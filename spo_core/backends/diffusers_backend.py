@@ -114,7 +114,7 @@ class DiffusersBackend:
             pipe_cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
             if not sdxl:
                 kwargs.update(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
-            pipe = _quiet_load(pipe_cls.from_pretrained, str(p), local_files_only=True, torch_dtype=dtype, **kwargs, **extra)
+            pipe = quiet_load(pipe_cls.from_pretrained, str(p), local_files_only=True, torch_dtype=dtype, **kwargs, **extra)
         else:
             if arch is None:
                 from ..lora.checkpoints import CheckpointReader
@@ -136,7 +136,7 @@ class DiffusersBackend:
             else:
                 kwargs.update(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
             pipe_cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-            pipe = _quiet_load(pipe_cls.from_single_file, str(p), config=str(config or CONFIG_DIR / arch), local_files_only=True,
+            pipe = quiet_load(pipe_cls.from_single_file, str(p), config=str(config or CONFIG_DIR / arch), local_files_only=True,
                                torch_dtype=dtype, **kwargs, **extra)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, device=device, arch=arch)
@@ -347,7 +347,7 @@ class TinyVAEDecoder:
         if not (p.is_dir() and (p / "config.json").is_file()):
             raise ConfigError(f"{p} is not a diffusers AutoencoderTiny (TAESD) folder with a config.json; "
                               "the decoder must be 'vae', 'rgb' or such a folder (e.g. madebyollin/taesd)")
-        vae = _quiet_load(diffusers.AutoencoderTiny.from_pretrained, str(p), local_files_only=True,
+        vae = quiet_load(diffusers.AutoencoderTiny.from_pretrained, str(p), local_files_only=True,
                           torch_dtype=dtype or torch.float32)
         return cls(vae.to(device).eval())
 
@@ -358,14 +358,28 @@ class TinyVAEDecoder:
         return (out.float() / 2 + 0.5).clamp(0, 1)
 
 
-def _quiet_load(fn, *args, **kwargs):
-    """Call a diffusers loader with `torch_dtype=` (what every supported diffusers knows) without the
-    FutureWarning newer releases give for it."""
+def quiet_load(fn, *args, **kwargs):
+    """Call a diffusers/transformers loader quietly: no FutureWarning for `torch_dtype=` (what every
+    supported diffusers knows) and no per-component "Loading weights" bars (the caller shows its own
+    progress; the bars come back afterwards if they were on)."""
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        return fn(*args, **kwargs)
+    bars = []
+    for name in ("diffusers", "transformers"):
+        try:
+            logging_mod = __import__(f"{name}.utils.logging", fromlist=["logging"])
+        except ImportError:
+            continue
+        if logging_mod.is_progress_bar_enabled():
+            logging_mod.disable_progress_bar()
+            bars.append(logging_mod)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            return fn(*args, **kwargs)
+    finally:
+        for logging_mod in bars:
+            logging_mod.enable_progress_bar()
 
 
 def _load_vae(diffusers, vae, dtype, sdxl: bool):
@@ -375,8 +389,8 @@ def _load_vae(diffusers, vae, dtype, sdxl: bool):
         return vae
     p = check_exists(vae, "VAE")
     if p.is_dir():
-        return _quiet_load(diffusers.AutoencoderKL.from_pretrained, str(p), local_files_only=True, torch_dtype=dtype)
-    return _quiet_load(diffusers.AutoencoderKL.from_single_file, str(p), local_files_only=True, torch_dtype=dtype,
+        return quiet_load(diffusers.AutoencoderKL.from_pretrained, str(p), local_files_only=True, torch_dtype=dtype)
+    return quiet_load(diffusers.AutoencoderKL.from_single_file, str(p), local_files_only=True, torch_dtype=dtype,
                        config=str(CONFIG_DIR / ("sdxl" if sdxl else "sd15") / "vae"))
 
 

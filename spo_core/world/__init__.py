@@ -28,7 +28,7 @@ BASE_MODEL_DIR: Path = BASE_DIR
 def load_world_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | Path | None = None):
     """The shipped base model as a diffusers StableDiffusionPipeline (DDIM scheduler, no safety
     checker, the CLIP tokenizer built offline). Never downloads anything."""
-    from ..backends.diffusers_backend import _quiet_load
+    from ..backends.diffusers_backend import quiet_load
     from ..clip_tokenizer import load_clip_tokenizer
     from ..errors import FileMissingError, require
 
@@ -38,15 +38,9 @@ def load_world_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype =
         raise FileMissingError(
             f"the embedded world's base model is missing ({folder / 'model_index.json'}). It ships with the "
             f"package; to rebuild it run: python -m spo_core.world.train_vae && python -m spo_core.world.train_base")
-    bars = diffusers.utils.logging.is_progress_bar_enabled()
-    diffusers.utils.logging.disable_progress_bar()  # no "Loading pipeline components" bars: the models are tiny
-    try:
-        pipe = _quiet_load(
-            diffusers.StableDiffusionPipeline.from_pretrained, str(folder), tokenizer=load_clip_tokenizer(), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, torch_dtype=dtype, local_files_only=True)
-    finally:
-        if bars:
-            diffusers.utils.logging.enable_progress_bar()
+    pipe = quiet_load(  # no "Loading pipeline components" bars: the models are tiny
+        diffusers.StableDiffusionPipeline.from_pretrained, str(folder), tokenizer=load_clip_tokenizer(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False, torch_dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -103,9 +103,9 @@ def load_vae(out: Path):
     diffusers = require("diffusers", "the embedded world", "diffusers")
     if not (out / "vae" / "config.json").is_file():
         raise FileMissingError(f"{out / 'vae'} holds no VAE; run stage 1 first: python -m spo_core.world.train_vae --out {out}")
-    from ..backends.diffusers_backend import _quiet_load
+    from ..backends.diffusers_backend import quiet_load
 
-    return _quiet_load(diffusers.AutoencoderKL.from_pretrained, str(out / "vae"), torch_dtype=torch.float32,
+    return quiet_load(diffusers.AutoencoderKL.from_pretrained, str(out / "vae"), torch_dtype=torch.float32,
                        local_files_only=True).eval()
 
 
