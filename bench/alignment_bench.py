@@ -1,6 +1,7 @@
 """Alignment on the embedded world at equal compute, measured by its exact ground-truth preference.
 
-    python bench/alignment_bench.py [--stages 15,30,60] [--eval-prompts 48] [--methods spo,ddpo,...] [--out bench/results]
+    python bench/alignment_bench.py [--stages 20,40,60] [--method-stages ddpo=10,20,35] [--eval-prompts 48]
+                                    [--methods spo,ddpo,...] [--out bench/results]
 
 On held-out prompts (object pairs never seen together in training), every arm starting from the
 same initial noise, compute counted as UNet image-evaluations (every forward's batch rows; CFG
@@ -31,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spo_core.plots import save_png  # noqa: E402
 from spo_core.scorers.spm import SPMScorer  # noqa: E402
-from spo_core.world.demo import (DemoConfig, UNetCounter, _fresh_backend, _merged_backend,  # noqa: E402
-                                 heldout_eval_set, paired_comparison, sample_arm, train_lora)
+from spo_core.world.demo import (WORLD_TRAIN_SETTINGS, DemoConfig, UNetCounter, _fresh_backend,  # noqa: E402
+                                 _merged_backend, heldout_eval_set, paired_comparison, sample_arm, train_lora)
+from spo_core.world.gt_scorer import WorldGroundTruthScorer  # noqa: E402
 from spo_core.world.train_spm import SPM_PATH  # noqa: E402
 
 
@@ -74,9 +76,12 @@ def xy_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stages", default="15,30,60", help="optimizer steps at which each run is evaluated")
+    p.add_argument("--stages", default="20,40,60", help="optimizer steps at which each run is evaluated")
+    p.add_argument("--method-stages", action="append", default=[], metavar="METHOD=S1,S2,...",
+                   help="other stages for one method, e.g. ddpo=10,20,35 to spend about the same evaluations as SPO")
     p.add_argument("--eval-prompts", type=int, default=48)
-    p.add_argument("--methods", default="spo,diffusion_dpo,ncp_dpo,ddpo")
+    p.add_argument("--methods", default="spo,diffusion_dpo,ncp_dpo,ddpo",
+                   help="any of spo, diffusion_dpo, ncp_dpo, ddpo, and spo_oracle (SPO with the ground truth as step scorer)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--work", type=Path, default=Path("/tmp/spo_alignment_bench"))
     p.add_argument("--threads", type=int, default=None)
@@ -84,6 +89,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     stages = [int(v) for v in args.stages.split(",")]
+    method_stages = {}
+    for spec in args.method_stages:
+        name, _, values = spec.partition("=")
+        method_stages[name.strip()] = [int(v) for v in values.split(",")]
     scorer = SPMScorer.from_path(SPM_PATH)
     pairs = heldout_eval_set(args.eval_prompts, 2)
     base = _fresh_backend()
@@ -95,16 +104,22 @@ def main() -> None:
     for method in [m for m in args.methods.split(",") if m]:
         spent = [0]
         training[method] = []
-        for i, steps in enumerate(stages):
-            cfg = DemoConfig(out=args.work / method, method=method, train_steps=steps, eval_prompts=args.eval_prompts)
+        # spo_oracle: SPO with the exact ground truth as its step scorer (GT is in [0, 1], so its
+        # softmax gaps are small: threshold 0.01), the bound on what a better SPM could give here
+        oracle = method == "spo_oracle"
+        for i, steps in enumerate(method_stages.get(method, stages)):
+            cfg = DemoConfig(out=args.work / method, method="spo" if oracle else method, train_steps=steps,
+                             eval_prompts=args.eval_prompts, overrides={"threshold": 0.01} if oracle else {})
             t = time.perf_counter()
-            result = train_lora(cfg, scorer, counter=spent, resume=i > 0)
+            result = train_lora(cfg, WorldGroundTruthScorer() if oracle else scorer, counter=spent, resume=i > 0)
             arm = sample_arm(method, _merged_backend(result.lora_path), pairs)
             row = {"steps": result.steps, "unet_evaluations": spent[0], "train_seconds": time.perf_counter() - t,
                    **arm.stats.as_dict(), "vs_base": paired_comparison(arm.gt, plain.gt)}
             training[method].append(row)
             print(f"{method} @ {steps} steps, {spent[0]:,} UNet evaluations: GT {arm.stats.mean:.3f} | vs base "
-                  f"{row['vs_base']['mean_delta']:+.3f}, better on {row['vs_base']['win']:.0%} | {row['train_seconds']:.0f}s",
+                  f"{row['vs_base']['mean_delta']:+.3f} (95% CI {row['vs_base']['ci95'][0]:+.3f} .. {row['vs_base']['ci95'][1]:+.3f}), "
+                  f"higher on {row['vs_base']['beats']:.0%}, better by > 0.01 on {row['vs_base']['win']:.0%} | "
+                  f"{row['train_seconds']:.0f}s",
                   flush=True)
 
     sampling = {}
@@ -124,7 +139,8 @@ def main() -> None:
                       "UNet image-evaluations spent in training", "GT"), args.out / "alignment_bench.png")
     record = {"machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                           "torch": torch.__version__, "cuda": torch.cuda.is_available()},
-              "eval_images": len(pairs), "stages": stages, "base": plain.stats.as_dict(), "training": training,
+              "eval_images": len(pairs), "stages": {m: method_stages.get(m, stages) for m in training},
+              "train_settings": {m: {**WORLD_TRAIN_SETTINGS[m.replace("_oracle", "")]} for m in training}, "base": plain.stats.as_dict(), "training": training,
               "sampling": sampling, "seconds": time.perf_counter() - t0}
     (args.out / "alignment_bench.json").write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out / 'alignment_bench.json'} and {args.out / 'alignment_bench.png'}")

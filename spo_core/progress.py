@@ -81,6 +81,9 @@ class TqdmProgress:
         bar = self.bars.get(event.stage)
         if bar is None:
             bar = tqdm(total=event.total, desc=event.stage, disable=self.disable, **self.kwargs)
+            if hasattr(bar, "start_t") and event.elapsed_s:  # the stage began before its first report
+                bar.start_t -= event.elapsed_s
+                bar.last_print_t = bar.start_t
             self.bars[event.stage] = bar
         if bar.total != event.total:
             bar.total = event.total

@@ -3,6 +3,7 @@ errors in the page), paths, the LoRA tools, scoring, sampling and training on ti
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from pathlib import Path
@@ -303,3 +304,14 @@ def test_train_stop_saves_what_it_has(tmp_path, tiny_folder):
 
     steps = int(read_safetensors_header(r["lora"])[1]["ss_steps"])
     assert 2 <= steps < 50
+
+
+def test_cli_progress_bar_counts_time_from_the_stage_start():
+    """A stage's first report may come after a chunk of work: its bar must not show a huge rate."""
+    from spo_core.progress import ProgressEvent, TqdmProgress
+
+    bars = TqdmProgress(disable=False, file=io.StringIO())
+    bars(ProgressEvent(stage="sampling", step=32, total=48, elapsed_s=4.0))
+    fmt = bars.bars["sampling"].format_dict
+    assert fmt["elapsed"] >= 4.0 and 32 / fmt["elapsed"] < 9
+    bars.close()

@@ -20,8 +20,10 @@ def test_spo_demo_quick_runs_end_to_end_and_the_resampler_helps(tmp_path, capsys
     report = json.loads((out / "report.json").read_text())
     # Measured on a 2-core CPU (spo demo --quick, seed 0): the per-step resampler with the shipped
     # SPM raises the held-out GT by +0.028 (better on 54% of images, worse on 25%); the 24-step SPO
-    # LoRA changes it by -0.004 (95% CI -0.016 .. +0.003). The asserts keep those margins with
-    # room for float differences between machines; the LoRA's missing gain is reported in the README.
+    # LoRA changes it by -0.009 (95% CI -0.021 .. -0.000; over 20-120 steps of the full demo it
+    # wanders within -0.005 .. +0.006). The asserts keep the resampler's margin and bound the LoRA's
+    # harm, with room for float differences between machines; the LoRA's missing gain is reported in
+    # the README, so this test does not claim it.
     resampler = report["resampler_vs_base"]
     assert resampler["mean_delta"] > 0.01 and resampler["win"] > resampler["loss"] + 0.1, resampler
     lora = report["lora_vs_base"]
@@ -44,10 +46,11 @@ def test_paired_comparison_counts_wins_and_brackets_the_mean():
     after = before + torch.where(torch.arange(200) % 4 == 0, -0.1, 0.2)  # 3 of 4 better
     c = paired_comparison(after, before)
     assert abs(c["win"] - 0.75) < 1e-9 and abs(c["loss"] - 0.25) < 1e-9 and c["tie"] < 1e-9
+    assert abs(c["beats"] - 0.75) < 1e-9
     assert c["ci95"][0] < c["mean_delta"] < c["ci95"][1]
     assert abs(c["mean_delta"] - (0.75 * 0.2 - 0.25 * 0.1)) < 1e-6
     same = paired_comparison(before, before)
-    assert same["tie"] == 1.0 and same["mean_delta"] == 0.0
+    assert same["tie"] == 1.0 and same["mean_delta"] == 0.0 and same["beats"] == 0.0
 
 
 def test_unet_counter_counts_batch_rows_of_every_forward():

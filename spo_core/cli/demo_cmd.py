@@ -1,7 +1,7 @@
 """`spo demo`: the main job. SPO end to end on the embedded tiny world, on a CPU, in minutes.
 
-    spo demo                 # ~4 min on 2 CPU cores: base -> SPO LoRA -> resampler, measured
-    spo demo --quick         # <2 min: the same path, smaller
+    spo demo                 # ~5 min on 2 CPU cores: base -> SPO LoRA -> resampler, measured
+    spo demo --quick         # about 2 min: the same path, smaller
     spo demo --method ddpo   # or diffusion_dpo, ncp_dpo
 
 Writes OUT/before_after.png, OUT/train/ (the LoRA in webui/kohya format, curves, log),
@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="train and measure an SPO LoRA on the embedded tiny world (CPU, minutes)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the CI-sized run (<2 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the CI-sized run (about 2 min on 2 cores)")
     p.add_argument("--out", default="spo_demo", help="output folder (default: spo_demo)")
     p.add_argument("--method", default="spo", choices=["spo", "diffusion_dpo", "ncp_dpo", "ddpo"])
     p.add_argument("--steps", type=int, help="training steps (default: 60; --quick: 24)")
