@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=48)
     p.add_argument("--methods", default="spo,diffusion_dpo,ncp_dpo,ddpo",
                    help="any of spo, diffusion_dpo, ncp_dpo, ddpo, and spo_oracle (SPO with the ground truth as step scorer)")
+    p.add_argument("--method-settings", action="append", default=[], metavar="METHOD=JSON",
+                   help='training settings over WORLD_TRAIN_SETTINGS for one method, e.g. spo_oracle={"beta": 10}')
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--work", type=Path, default=Path("/tmp/spo_alignment_bench"))
     p.add_argument("--threads", type=int, default=None)
@@ -93,6 +95,10 @@ def main() -> None:
     for spec in args.method_stages:
         name, _, values = spec.partition("=")
         method_stages[name.strip()] = [int(v) for v in values.split(",")]
+    method_settings = {}
+    for spec in args.method_settings:
+        name, _, values = spec.partition("=")
+        method_settings[name.strip()] = json.loads(values)
     scorer = SPMScorer.from_path(SPM_PATH)
     pairs = heldout_eval_set(args.eval_prompts, 2)
     base = _fresh_backend()
@@ -108,8 +114,9 @@ def main() -> None:
         # softmax gaps are small: threshold 0.01), the bound on what a better SPM could give here
         oracle = method == "spo_oracle"
         for i, steps in enumerate(method_stages.get(method, stages)):
+            overrides = {**({"threshold": 0.01} if oracle else {}), **method_settings.get(method, {})}
             cfg = DemoConfig(out=args.work / method, method="spo" if oracle else method, train_steps=steps,
-                             eval_prompts=args.eval_prompts, overrides={"threshold": 0.01} if oracle else {})
+                             eval_prompts=args.eval_prompts, overrides=overrides)
             t = time.perf_counter()
             result = train_lora(cfg, WorldGroundTruthScorer() if oracle else scorer, counter=spent, resume=i > 0)
             arm = sample_arm(method, _merged_backend(result.lora_path), pairs)
@@ -140,7 +147,8 @@ def main() -> None:
     record = {"machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                           "torch": torch.__version__, "cuda": torch.cuda.is_available()},
               "eval_images": len(pairs), "stages": {m: method_stages.get(m, stages) for m in training},
-              "train_settings": {m: {**WORLD_TRAIN_SETTINGS[m.replace("_oracle", "")]} for m in training}, "base": plain.stats.as_dict(), "training": training,
+              "train_settings": {m: {**WORLD_TRAIN_SETTINGS[m.replace("_oracle", "")], **({"threshold": 0.01} if m == "spo_oracle" else {}),
+                                 **method_settings.get(m, {})} for m in training}, "base": plain.stats.as_dict(), "training": training,
               "sampling": sampling, "seconds": time.perf_counter() - t0}
     (args.out / "alignment_bench.json").write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out / 'alignment_bench.json'} and {args.out / 'alignment_bench.png'}")
