@@ -155,3 +155,5 @@ def test_quiet_load_hides_loading_bars_and_restores_them():
     with pytest.raises(ValueError):
         quiet_load(lambda: (_ for _ in ()).throw(ValueError("boom")))
     assert dlog.is_progress_bar_enabled() and tlog.is_progress_bar_enabled()
+    # the CLI keeps them for multi-GB checkpoints
+    assert quiet_load(lambda: dlog.is_progress_bar_enabled(), show_bars=True) is True

@@ -94,8 +94,11 @@ class DiffusersBackend:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, vae=None) -> "DiffusersBackend":
+                        dtype: torch.dtype = torch.float32, vae=None, loading_bars: bool = False) -> "DiffusersBackend":
         """A local diffusers folder or single-file checkpoint (.safetensors/.ckpt); never downloads.
+
+        `loading_bars`: show diffusers'/transformers' per-component loading bars (the CLI does, for
+        multi-GB checkpoints; UIs show their own progress).
 
         `vae`: another VAE to use (an AutoencoderKL, a diffusers VAE folder or a single VAE
         file), e.g. SDXL's fp16-fix VAE.
@@ -114,7 +117,8 @@ class DiffusersBackend:
             pipe_cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
             if not sdxl:
                 kwargs.update(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
-            pipe = quiet_load(pipe_cls.from_pretrained, str(p), local_files_only=True, torch_dtype=dtype, **kwargs, **extra)
+            pipe = quiet_load(pipe_cls.from_pretrained, str(p), local_files_only=True, torch_dtype=dtype, **kwargs, **extra,
+                              show_bars=loading_bars)
         else:
             if arch is None:
                 from ..lora.checkpoints import CheckpointReader
@@ -137,7 +141,7 @@ class DiffusersBackend:
                 kwargs.update(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
             pipe_cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
             pipe = quiet_load(pipe_cls.from_single_file, str(p), config=str(config or CONFIG_DIR / arch), local_files_only=True,
-                               torch_dtype=dtype, **kwargs, **extra)
+                              torch_dtype=dtype, **kwargs, **extra, show_bars=loading_bars)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, device=device, arch=arch)
 
@@ -358,14 +362,14 @@ class TinyVAEDecoder:
         return (out.float() / 2 + 0.5).clamp(0, 1)
 
 
-def quiet_load(fn, *args, **kwargs):
+def quiet_load(fn, *args, show_bars: bool = False, **kwargs):
     """Call a diffusers/transformers loader quietly: no FutureWarning for `torch_dtype=` (what every
-    supported diffusers knows) and no per-component "Loading weights" bars (the caller shows its own
-    progress; the bars come back afterwards if they were on)."""
+    supported diffusers knows) and, unless `show_bars`, no per-component loading bars (the caller
+    shows its own progress; the bars come back afterwards if they were on)."""
     import warnings
 
     bars = []
-    for name in ("diffusers", "transformers"):
+    for name in () if show_bars else ("diffusers", "transformers"):
         try:
             logging_mod = __import__(f"{name}.utils.logging", fromlist=["logging"])
         except ImportError:

@@ -107,7 +107,8 @@ def _sample(args: argparse.Namespace) -> int:
     if args.trace and not (args.k > 1 and args.best_of <= 1):
         raise ConfigError("--trace shows the per-step candidates: it needs --k > 1 (and no --best-of)")
 
-    backend = DiffusersBackend.from_pretrained(args.model, arch=args.arch, device=args.device, dtype=resolve_dtype(args.dtype))
+    backend = DiffusersBackend.from_pretrained(args.model, arch=args.arch, device=args.device, dtype=resolve_dtype(args.dtype),
+                                               loading_bars=not args.no_progress)
     for spec in args.lora:
         _merge_lora(backend, spec)
     scorer = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -85,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = _device(resolved.device)
     dtype = _dtype(resolved.model_dtype, device)
-    backend = DiffusersBackend.from_pretrained(resolved.model, arch=resolved.arch, device=device, dtype=dtype, vae=resolved.vae)
+    rank = int(os.environ.get("RANK", "0"))
+    backend = DiffusersBackend.from_pretrained(resolved.model, arch=resolved.arch, device=device, dtype=dtype, vae=resolved.vae,
+                                               loading_bars=not args.quiet and rank == 0)
     model_path = Path(resolved.model)
     model_hash = sha256_file(model_path) if model_path.is_file() else None
     host = DiffusersTrainingHost(backend, model_name=model_path.name, model_hash=model_hash)
@@ -95,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
 
         scorer = load_scorer(resolved.scorer, resolved.scorer_path, device=device,
                              dtype=torch.float16 if device.type == "cuda" else torch.float32, **resolved.scorer_options)
-    rank = int(__import__("os").environ.get("RANK", "0"))
     progress = TqdmProgress(disable=args.quiet or rank != 0, leave=False)
     stop = {"asked": False}
 
