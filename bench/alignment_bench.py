@@ -11,10 +11,11 @@ counts 2 per image; sampling, scoring rollouts and training forwards alike):
    NCP-DPO (offline pairs of base samples labelled by the ground truth; their sampling counted)
    vs DDPO (ground-truth reward). Each run is evaluated after every stage of optimizer steps
    (resumed from its checkpoint), giving GT against evaluations spent;
-2. sampling at equal evaluations (4 per image-step): the per-step resampler (greedy and softmax,
-   k = 4) vs best-of-4 vs plain sampling, on the base model, scored by the shipped SPM.
+2. sampling: the per-step resampler (greedy and softmax, k = 4; greedy k = 5, which spends what
+   best-of-4 spends) vs best-of-4 vs plain sampling, on the base model, scored by the shipped SPM.
 
-Prints a table and writes alignment_bench.json and alignment_bench.png.
+`--methods ""` runs only the sampling part. Prints a table and writes alignment_bench.json and
+(with training) alignment_bench.png.
 """
 
 from __future__ import annotations
@@ -130,8 +131,10 @@ def main() -> None:
                   flush=True)
 
     sampling = {}
+    # k = 5 spends what best-of-4 spends (160 UNet evaluations per image): the equal-compute comparison
     for name, kw in (("plain", dict()), ("resampler greedy k=4", dict(k=4, policy="greedy")),
-                     ("resampler softmax k=4", dict(k=4, policy="softmax")), ("best-of-4", dict(best_of=4))):
+                     ("resampler softmax k=4", dict(k=4, policy="softmax")), ("resampler greedy k=5", dict(k=5, policy="greedy")),
+                     ("best-of-4", dict(best_of=4))):
         count = UNetCounter(base.pipe.unet)
         arm = sample_arm(name, base, pairs, scorer if kw else None, **kw)
         count.close()
@@ -141,9 +144,10 @@ def main() -> None:
               f"| {count.rows / len(pairs):.0f} UNet evaluations per image, {arm.seconds:.0f}s", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    series = {m: [(0.0, plain.stats.mean)] + [(r["unet_evaluations"], r["mean"]) for r in rows] for m, rows in training.items()}
-    save_png(xy_chart(series, f"held-out GT preference vs training compute ({len(pairs)} images)",
-                      "UNet image-evaluations spent in training", "GT"), args.out / "alignment_bench.png")
+    if training:
+        series = {m: [(0.0, plain.stats.mean)] + [(r["unet_evaluations"], r["mean"]) for r in rows] for m, rows in training.items()}
+        save_png(xy_chart(series, f"held-out GT preference vs training compute ({len(pairs)} images)",
+                          "UNet image-evaluations spent in training", "GT"), args.out / "alignment_bench.png")
     record = {"machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                           "torch": torch.__version__, "cuda": torch.cuda.is_available()},
               "eval_images": len(pairs), "stages": {m: method_stages.get(m, stages) for m in training},
@@ -151,7 +155,7 @@ def main() -> None:
                                  **method_settings.get(m, {})} for m in training}, "base": plain.stats.as_dict(), "training": training,
               "sampling": sampling, "seconds": time.perf_counter() - t0}
     (args.out / "alignment_bench.json").write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.out / 'alignment_bench.json'} and {args.out / 'alignment_bench.png'}")
+    print(f"wrote {args.out / 'alignment_bench.json'}" + (f" and {args.out / 'alignment_bench.png'}" if training else ""))
 
 
 if __name__ == "__main__":
