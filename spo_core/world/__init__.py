@@ -4,7 +4,7 @@
   ("a red circle", "a red circle above a blue square"); deterministic rendering; a training
   prompt set and held-out prompts (object pairs never seen together in training).
 - `preference`: the exact ground-truth preference of an image for its caption, in [0, 1], with
-  components colour, shape, relation, quality; it measures pixels, so it judges generated images.
+  components colour, shape, relation, quality, style; it measures pixels, so it judges generated images.
 - the shipped base model (`weights/base`): a real SD1.5-family diffusers pipeline folder,
   trained by `train_vae` and `train_base` on partly wrong "web" data (`noisy_data`).
 

@@ -51,6 +51,7 @@ class GTStats:
     shape: float
     relation: float
     quality: float
+    style: float
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +59,7 @@ class GTStats:
     def line(self) -> str:
         return (f"GT mean {self.mean:.3f} (std {self.std:.3f}, median {self.median:.3f}), good {self.frac_good:.0%}, "
                 f"clearly wrong {self.frac_wrong:.0%} | colour {self.colour:.3f} shape {self.shape:.3f} "
-                f"relation {self.relation:.3f} quality {self.quality:.3f}")
+                f"relation {self.relation:.3f} quality {self.quality:.3f} style {self.style:.3f}")
 
 
 def gt_stats(images: torch.Tensor, captions: Sequence[str]) -> GTStats:
@@ -71,4 +72,5 @@ def gt_stats(images: torch.Tensor, captions: Sequence[str]) -> GTStats:
         frac_good=float((t >= GOOD).float().mean()), frac_wrong=float((t < CLEARLY_WRONG).float().mean()),
         colour=float(p.colour.mean()), shape=float(p.shape.mean()),
         relation=float(rel.mean()) if len(rel) else float("nan"), quality=float(p.quality.mean()),
+        style=float(p.style.mean()),
     )

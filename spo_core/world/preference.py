@@ -17,9 +17,14 @@ in the picture rather than reading a scene description:
   hold no unexplained colour: (1 - smoothstep(background deviation, 0.01, 0.06)) *
   (1 - smoothstep(stray coloured pixels, 2, 20)) * mean presence.
 
+- style: the house style, a light background whatever the caption (the consistent, prompt-
+  independent part of a preference, as light, vivid pictures are for human raters):
+  (1 - smoothstep(|background lightness - 0.68|, 0.03, 0.25)) * mean presence. The training
+  data's backgrounds are grey 0.25 .. 0.75, so the base model draws the house style only sometimes.
+
 components: colour = mean presence; shape = mean over objects of presence * shape fit;
-relation (pairs only); quality. The preference is the mean of the applicable components
-(three for one object, four for two), in [0, 1].
+relation (pairs only); quality; style. The preference is the mean of the applicable components
+(four for one object, five for two), in [0, 1].
 """
 
 from __future__ import annotations
@@ -42,8 +47,10 @@ RELATION_MIN_DIST = 4.0
 RELATION_TAU = 1.5
 BACKGROUND_DEV = (0.01, 0.06)
 STRAY_PIXELS = (2.0, 20.0)
+STYLE_KEY = 0.68  # the house style's background lightness
+STYLE_TOLERANCE = (0.03, 0.25)
 TEMPLATE_SUPERSAMPLE = 3
-COMPONENTS = ("colour", "shape", "relation", "quality")
+COMPONENTS = ("colour", "shape", "relation", "quality", "style")
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Preference:
     shape: torch.Tensor
     relation: torch.Tensor
     quality: torch.Tensor
+    style: torch.Tensor
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {"total": self.total, **{k: getattr(self, k) for k in COMPONENTS}}
@@ -196,11 +204,15 @@ def ground_truth_components(images: torch.Tensor, captions: str | Sequence[str])
     stray = ((mass - named).clamp_min(0) * bg_w).sum((1, 2))
     quality = (1 - smoothstep(bg_dev, *BACKGROUND_DEV)) * (1 - smoothstep(stray, *STRAY_PIXELS)) * per_image(presence)
 
-    parts = torch.stack([colour, shape, torch.nan_to_num(relation, nan=0.0), quality], 1)
+    # style: the house style is a light background (lightness near STYLE_KEY), whatever the caption
+    bg_light = bg_mean.mean(1)
+    style = (1 - smoothstep((bg_light - STYLE_KEY).abs(), *STYLE_TOLERANCE)) * per_image(presence)
+
+    parts = torch.stack([colour, shape, torch.nan_to_num(relation, nan=0.0), quality, style], 1)
     weights = torch.ones_like(parts)
     weights[:, 2] = (~relation.isnan()).to(x.dtype)
     total = (parts * weights).sum(1) / weights.sum(1)
-    return Preference(total=total, colour=colour, shape=shape, relation=relation, quality=quality)
+    return Preference(total=total, colour=colour, shape=shape, relation=relation, quality=quality, style=style)
 
 
 def ground_truth(images: torch.Tensor, captions: str | Sequence[str]) -> torch.Tensor:
