@@ -80,5 +80,6 @@ def test_world_ground_truth_scorer_matches_the_ground_truth():
     caps = train_prompts()[:6]
     x = render_batch(caps, list(range(6)))
     s = WorldGroundTruthScorer().score(x, caps)
-    assert torch.allclose(s, ground_truth(x, caps)) and float(s.min()) > 0.9
+    # correct renders: colour, shape and quality right; style depends on the background grey drawn
+    assert torch.allclose(s, ground_truth(x, caps)) and float(s.min()) > 0.74 and float(s.max()) > 0.95
     assert float(WorldGroundTruthScorer().score(torch.full_like(x, 0.5), caps).max()) == 0.0

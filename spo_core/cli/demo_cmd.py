@@ -1,7 +1,7 @@
 """`spo demo`: the main job. SPO end to end on the embedded tiny world, on a CPU, in minutes.
 
     spo demo                 # ~5 min on 2 CPU cores: base -> SPO LoRA -> resampler, measured
-    spo demo --quick         # about 2 min: the same path, smaller
+    spo demo --quick         # under 3 min: the same path, smaller
     spo demo --method ddpo   # or diffusion_dpo, ncp_dpo
 
 Writes OUT/before_after.png, OUT/train/ (the LoRA in webui/kohya format, curves, log),
@@ -17,10 +17,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="train and measure an SPO LoRA on the embedded tiny world (CPU, minutes)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the CI-sized run (about 2 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the CI-sized run (under 3 min on 2 cores)")
     p.add_argument("--out", default="spo_demo", help="output folder (default: spo_demo)")
     p.add_argument("--method", default="spo", choices=["spo", "diffusion_dpo", "ncp_dpo", "ddpo"])
-    p.add_argument("--steps", type=int, help="training steps (default: 60; --quick: 24)")
+    p.add_argument("--steps", type=int, help="training steps (default: 60; --quick: 32)")
     p.add_argument("--eval-prompts", type=int, help="held-out prompts evaluated, 2 seeds each (default: 48; --quick: 24)")
     p.add_argument("--k", type=int, default=4, help="resampler candidates per step in the evaluation (1: skip it)")
     p.add_argument("--seed", type=int, default=0)
