@@ -83,3 +83,18 @@ def test_world_ground_truth_scorer_matches_the_ground_truth():
     # correct renders: colour, shape and quality right; style depends on the background grey drawn
     assert torch.allclose(s, ground_truth(x, caps)) and float(s.min()) > 0.74 and float(s.max()) > 0.95
     assert float(WorldGroundTruthScorer().score(torch.full_like(x, 0.5), caps).max()) == 0.0
+
+
+def test_sample_arm_pools_only_inside_the_window():
+    pytest.importorskip("diffusers")
+    from spo_core.world.demo import _fresh_backend, sample_arm
+    from spo_core.world.gt_scorer import WorldGroundTruthScorer
+
+    backend, pairs, gt = _fresh_backend(), [("a red circle above a blue square", 3), ("a green cross", 4)], WorldGroundTruthScorer()
+    plain = sample_arm("plain", backend, pairs)
+    spo_window = sample_arm("t <= 751", backend, pairs, gt, k=2)
+    early = sample_arm("t >= 900", backend, pairs, gt, k=2, window=(900.0, 999.0))
+    # denoiser rows for 2 images, 20 steps: plain 40; pools (2 candidates each) at the 16 steps with
+    # t <= 751 vs the 2 steps with t >= 900 (951, 901)
+    assert plain.evaluations == 40 < early.evaluations < spo_window.evaluations
+    assert (early.images - plain.images).abs().max() > 0.01
