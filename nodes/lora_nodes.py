@@ -141,7 +141,7 @@ def convert_spo_lora(lora_name: str, format: str = "webui", dtype: str = "keep",
     src = full_path("loras", lora_name, "LoRA")
     dst = lora_output_path(output_name, overwrite, suffix="" if format == "peft" else ".safetensors")
     lora, rep = convert_lora(src, dst, fmt=format, dtype=None if dtype == "keep" else dtype, overwrite=overwrite,
-                             allow_partial=allow_partial, title=dst.stem)
+                             allow_partial=allow_partial, title=dst.stem, create_parent=True)
     text = f"wrote {format} LoRA: {dst}\n{rep.to_text()}"
     return Result((str(dst), text), text_ui(text))
 
@@ -168,8 +168,6 @@ CONVERT_LORA = NodeSpec(
 
 
 def _save_extracted(lora, rep, output_name: str, overwrite: bool, what: str) -> Result:
-    if not lora.modules:
-        raise ConfigError(f"{what}: the two models do not differ in any targeted layer; nothing to extract")
     dst = lora_output_path(output_name, overwrite)
     save_lora(lora, dst, fmt="webui", overwrite=overwrite, title=dst.stem, extra_metadata={"spo_extracted_from": what})
     text = f"wrote {dst}\n{rep.to_text(limit=20)}\n{report(lora).summary_line()}"

@@ -28,6 +28,11 @@ class OutputExistsError(SPOError, FileExistsError):
     """An output path exists and overwriting was not asked for."""
 
 
+class OutputError(SPOError, OSError):
+    """An output cannot be written where asked (no such folder, a folder in the way, disk full,
+    no permission, or a path that is one of the inputs)."""
+
+
 class LoRAFormatError(SPOError):
     """A LoRA file whose keys or tensors do not form a LoRA we can read."""
 

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from .errors import CorruptFileError, FileMissingError, OutputExistsError, UnsafeFileError
+from .errors import CorruptFileError, FileMissingError, OutputError, OutputExistsError, SPOError, UnsafeFileError
 
 log = logging.getLogger(__name__)
 
@@ -62,36 +62,154 @@ def is_safetensors(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in SAFETENSORS_SUFFIXES
 
 
+# -- reading safetensors -------------------------------------------------------------------------
+
+_HEADER_LIMIT = 100_000_000
+
+
+def _element_size(st_dtype: str) -> int:
+    return torch.empty((), dtype=_ST_TO_DTYPE[st_dtype]).element_size()
+
+
+def _validate_header(p: Path, header: object, data_size: int) -> tuple[dict[str, dict], dict[str, str]]:
+    """Check every entry of a parsed header against the format (the parser only checked the JSON)."""
+    def bad(why: str) -> CorruptFileError:
+        return CorruptFileError(f"{p} has a corrupt safetensors header: {why}")
+
+    if not isinstance(header, dict):
+        raise bad(f"expected a JSON object, found {type(header).__name__}")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad("__metadata__ must map strings to strings")
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise bad(f"entry {name!r} is {type(info).__name__}, not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _ST_TO_DTYPE:
+            raise bad(f"entry {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"entry {name!r} has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"entry {name!r} has invalid data_offsets {offsets!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * _element_size(dtype):
+            raise bad(f"entry {name!r}: {offsets[1] - offsets[0]} bytes for {dtype} {shape}")
+        if offsets[1] > data_size:
+            raise CorruptFileError(
+                f"{p} is truncated: its header describes {offsets[1]} bytes of data but the file holds "
+                f"{data_size}. Download or copy it again.")
+    return header, metadata
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
     """Return (tensor infos, metadata) from a safetensors header without reading the data.
 
-    Validates that the header is complete and that the file is as long as it says, so a
-    truncated download is reported as such rather than failing later.
+    Validates the whole header (every entry's dtype, shape and offsets) and that the file is as
+    long as it says, so a truncated download or a damaged file is reported as such rather than
+    failing later inside a reader.
     """
     p = check_exists(path)
+    if p.is_dir():
+        raise CorruptFileError(f"{p} is a folder; expected a weights file")
     size = p.stat().st_size
     with open(p, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise CorruptFileError(f"{p} is not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100_000_000:
+        if n > size - 8 or n > _HEADER_LIMIT:
             raise CorruptFileError(
                 f"{p} is truncated or not a safetensors file (header claims {n} bytes, "
                 f"file has {size}). Download it again."
             )
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CorruptFileError(f"{p} has a corrupt safetensors header: {exc}") from exc
-    metadata = header.pop("__metadata__", None) or {}
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CorruptFileError(
-            f"{p} is truncated: its header describes {8 + n + end} bytes but the file has "
-            f"{size}. Download or copy it again."
-        )
-    return header, metadata
+    return _validate_header(p, header, size - 8 - n)
+
+
+class _SafetensorsFile:
+    """What both readers share: the validated header, and tensors by name."""
+
+    header: dict[str, dict]
+    _metadata: dict[str, str]
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _MmapSafetensors(_SafetensorsFile):
+    """A safetensors reader over mmap for paths the Rust library refuses (names that are not UTF-8).
+
+    The header is validated by `read_safetensors_header`; tensors are views of the mapped file.
+    """
+
+    def __init__(self, path: Path):
+        import mmap
+
+        self.header, self._metadata = read_safetensors_header(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            self._base = 8 + n
+            size = os.fstat(f.fileno()).st_size
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self.header[key]
+        dtype, shape = _ST_TO_DTYPE[info["dtype"]], tuple(info["shape"])
+        start, end = info["data_offsets"]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - start, offset=self._base + start)
+        return flat.view(dtype).reshape(shape)
+
+
+class _RustSafetensors(_SafetensorsFile):
+    """safetensors' own memory-mapped reader, with every error turned into a CorruptFileError."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        self.header, self._metadata = read_safetensors_header(path)
+        try:
+            self._handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # SafetensorError and friends
+            raise CorruptFileError(f"cannot read {path}: {exc}") from exc
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as exc:
+            raise CorruptFileError(f"cannot read tensor {key!r} of {self.path}: {exc}") from exc
+
+
+def open_safetensors(path: str | os.PathLike):
+    """A memory-mapped safetensors reader (keys, metadata, get_tensor, shape) over a validated header."""
+    p = Path(path)
+    try:
+        os.fsencode(p).decode("utf-8")
+    except UnicodeDecodeError:
+        return _MmapSafetensors(p)
+    return _RustSafetensors(p)
 
 
 def load_state_dict(
@@ -108,16 +226,11 @@ def load_state_dict(
     if p.is_dir():
         raise CorruptFileError(f"{p} is a folder; expected a weights file")
     if is_safetensors(p) or _looks_like_safetensors(p):
-        read_safetensors_header(p)  # clear errors for truncated files
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(p), framework="pt", device=str(device)) as f:
-                metadata = dict(f.metadata() or {})
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except SafetensorError as exc:
-            raise CorruptFileError(f"cannot read {p}: {exc}") from exc
-        return sd, metadata
+        f = open_safetensors(p)
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        if str(device) != "cpu":
+            sd = {k: v.to(device) for k, v in sd.items()}
+        return sd, f.metadata()
     obj = load_pickle_weights_only(p, device)
     if unwrap and isinstance(obj, Mapping):
         for key in ("state_dict", "module"):
@@ -127,26 +240,131 @@ def load_state_dict(
                 break
     if not isinstance(obj, Mapping):
         raise CorruptFileError(f"{p} does not hold a state dict (found {type(obj).__name__})")
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    skipped = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    skipped = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if skipped:
         log.info("%s: ignored %d non-tensor entries (%s)", p.name, len(skipped), ", ".join(map(str, skipped[:5])))
     return sd, {}
 
 
-def load_pickle_weights_only(path: Path, device: str | torch.device = "cpu"):
-    """torch.load with weights_only=True; a pickle that needs code is refused unrun."""
+# -- reading pickles (weights only) ----------------------------------------------------------------
+
+# what torch's weights-only unpickler is built to allow (plain containers and tensor rebuilding)
+_PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.bytearray",
+                  "_codecs.encode")
+_MAX_INFLATE = 64 << 20  # bytes a zip's entries may exceed twice the file's size by
+
+
+def _file_kind(p: Path) -> str:
+    """'zip' (PyTorch's format since 1.6), 'pickle' (legacy torch.save / plain pickle) or 'other'."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "other"
+
+
+def _check_zip(p: Path) -> None:
+    """Refuse a damaged zip, and one whose entries would inflate far beyond its size (a zip bomb),
+    before torch allocates anything."""
+    import zipfile
+
+    size = p.stat().st_size
     try:
+        with zipfile.ZipFile(p) as z:
+            infos = z.infolist()
+    except Exception as exc:  # BadZipFile, struct.error, ValueError ...: a damaged archive
+        raise CorruptFileError(f"{p} is a damaged zip archive, not a readable PyTorch file ({type(exc).__name__})") from exc
+    inflated = sum(max(i.file_size, 0) for i in infos)
+    if inflated > 2 * size + _MAX_INFLATE:
+        raise CorruptFileError(
+            f"refused {p}: its entries would inflate to {inflated / 1e6:,.0f} MB from a {size / 1e6:,.1f} MB file "
+            "(PyTorch stores weights uncompressed; this is damaged or a zip bomb)")
+    if not any(i.filename.endswith("data.pkl") for i in infos):
+        raise CorruptFileError(f"{p} is a zip archive but not a PyTorch weights file (no data.pkl inside)")
+
+
+def _pickle_globals(p: Path, kind: str) -> list[str] | None:
+    """The globals (module.name) a pickle references, read without running it; None if unreadable."""
+    import pickletools
+
+    if kind == "zip":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(p) as z:
+                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                data = z.read(name)
+        except Exception:
+            return None
+        streams = [data]
+    else:
+        with open(p, "rb") as f:
+            streams = [f.read(64 << 20)]
+    found: list[str] = []
+    strings: list[str] = []
+    for data in streams:
+        pos = 0
+        try:
+            while pos < len(data):  # a legacy torch file is several pickles in a row
+                last = None
+                for op, arg, at in pickletools.genops(data[pos:]):
+                    last = at
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                        strings.append(arg)
+                pos += (last or 0) + 1
+        except Exception:  # not (or no longer) a pickle: what was found so far is the answer
+            if not found and pos == 0:
+                return None
+    return found
+
+
+def _torch_detail(exc: BaseException) -> str:
+    """The first line of torch's message, unless it is advice about unsafe loading."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return "" if "weights_only" in text or "Weights only" in text else text[:200]
+
+
+def load_pickle_weights_only(path: Path, device: str | torch.device = "cpu", mmap: bool = False):
+    """torch.load with weights_only=True; a pickle that needs code is refused unrun.
+
+    Before torch sees the file: anything that is neither a zip nor a pickle is named as not a
+    weights file, and a zip whose entries would inflate far beyond its size is refused, so a zip
+    bomb never allocates. Errors never repeat torch's advice to load unsafely.
+    """
+    path = Path(path)
+    kind = _file_kind(path)
+    if kind == "other":
+        raise CorruptFileError(
+            f"{path} is not a weights file: neither safetensors nor a PyTorch checkpoint (zip or pickle)")
+    if kind == "zip":
+        _check_zip(path)
+    try:
+        if mmap and kind == "zip":
+            return torch.load(str(path), map_location=device, weights_only=True, mmap=True)
         return torch.load(str(path), map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(
-            f"refused to load {path}: it is a pickle that contains more than tensors "
-            f"(code or custom objects), and only weights-only loading is allowed. "
-            f"Convert it to .safetensors with a tool you trust, or get a safetensors copy. "
-            f"Detail: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CorruptFileError(f"cannot read {path} as a PyTorch file: {exc}") from exc
+        refs = _pickle_globals(path, kind)
+        custom = sorted({g for g in refs or () if not g.startswith(_PLAIN_GLOBALS)})
+        if custom:
+            raise UnsafeFileError(
+                f"refused to load {path}: it is a pickle that references code or custom objects "
+                f"({', '.join(custom[:6])}); only plain tensors may be loaded, and nothing was run. "
+                "Ask its publisher for a .safetensors copy."
+            ) from exc
+        raise CorruptFileError(f"{path} is damaged or not a PyTorch weights file"
+                               + (f" ({_torch_detail(exc)})" if _torch_detail(exc) else "")) from exc
+    except MemoryError as exc:
+        raise CorruptFileError(f"{path} asks for more memory than this machine has: damaged or not a weights file") from exc
+    except Exception as exc:  # RuntimeError, EOFError, ValueError, KeyError ...: a damaged file
+        detail = _torch_detail(exc)
+        raise CorruptFileError(f"cannot read {path} as a PyTorch file" + (f": {detail}" if detail else "")) from exc
 
 
 def _looks_like_safetensors(p: Path) -> bool:
@@ -161,28 +379,160 @@ def _looks_like_safetensors(p: Path) -> bool:
         return False
 
 
+# -- writing -------------------------------------------------------------------------------------------
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _honour_umask(path: Path, folder: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700; give outputs the permissions any other new file gets
+    (0644/0755 under umask 022), so a host running as another user can read them."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_UMASK)
+
+
+def _output_error(target: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) and str(exc.filename) != str(target) else ""
+    return OutputError(f"cannot write {target}: {reason}{where}")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    c, p = Path(os.path.realpath(child)), Path(os.path.realpath(parent))
+    return c != p and p in c.parents
+
+
+def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                      folder: bool = False, create_parent: bool = False) -> Path:
+    """Refuse an output that would destroy an input or cannot be written, before any work is done.
+
+    Refused: an output that is an input, lies inside one (a model folder) or contains one; a file
+    output where a folder exists (and the reverse); a missing parent folder unless `create_parent`.
+    """
+    out = Path(output).expanduser()
+    for item in inputs:
+        if item is None:
+            continue
+        inp = Path(item).expanduser()
+        if _same_path(out, inp):
+            raise OutputError(f"the output {out} is the input {inp}: write to a new path (nothing was changed)")
+        if _inside(out, inp):
+            raise OutputError(f"the output {out} lies inside the input {inp}: write it somewhere else")
+        if _inside(inp, out):
+            raise OutputError(f"the output {out} contains the input {inp}: replacing it would delete the input")
+    if out.is_dir() and not folder:
+        raise OutputError(f"{out} is a folder: give a file name for the output (e.g. {out / 'name.safetensors'})")
+    if out.exists() and not out.is_dir() and folder:
+        raise OutputError(f"{out} is a file, and this output is a folder: give a folder name")
+    parent = out.parent
+    if not parent.exists():
+        if not create_parent:
+            raise OutputError(f"the folder {parent} does not exist: create it first, or check the output path")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _output_error(out, exc) from exc
+    elif not parent.is_dir():
+        raise OutputError(f"{parent} is not a folder, so {out} cannot be written")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, overwrite: bool = False, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
 
-    Refuses an existing `path` unless `overwrite`. The temporary file is removed on any error,
-    so an interrupted write leaves nothing behind.
+    Refuses an existing `path` unless `overwrite`, and a folder in its place. The temporary file
+    is removed on any error, so an interrupted write leaves nothing behind; OS errors (disk full,
+    no permission) become one OutputError line naming the target. The file gets the permissions
+    the umask gives new files.
     """
     target = Path(path).expanduser()
+    if target.is_dir():
+        raise OutputError(f"{target} is a folder: give a file name for the output")
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} exists; pass overwrite (--overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".partial", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".partial", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _output_error(target, exc) from exc
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         if target.exists() and not overwrite:  # created by someone else meanwhile
             raise OutputExistsError(f"{target} appeared while writing; not overwritten")
+        _honour_umask(tmp_path)
         os.replace(tmp_path, target)
+    except OSError as exc:
+        if isinstance(exc, SPOError):
+            raise
+        raise _output_error(target, exc) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; swap it into place only if the block succeeds.
+
+    An existing folder is replaced (with `overwrite`) only after the new one is complete: it is
+    renamed aside, the new one renamed in, and the old one deleted last, so a failed write (disk
+    full, a crash, a cancel) leaves the old output exactly as it was and no stray folder.
+    """
+    import shutil
+    import uuid
+
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target} is a file, and this output is a folder: give a folder name")
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} exists; pass overwrite (--overwrite) to replace it")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as exc:
+        raise _output_error(target, exc) from exc
+    try:
+        yield tmp
+        _honour_umask(tmp, folder=True)
+        old = None
+        if target.exists():
+            if not overwrite:
+                raise OutputExistsError(f"{target} appeared while writing; not overwritten")
+            old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        if isinstance(exc, SPOError):
+            raise
+        raise _output_error(target, exc) from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_safetensors(
@@ -274,13 +624,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or inf."""
+    # a sum is finite iff every element is (barring overflow, re-checked exactly): ~30x faster than isfinite().all()
+    suspects = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(torch.sum(v, dtype=torch.float32))]
+    return [k for k in suspects if not torch.isfinite(tensors[k]).all()]
+
+
+def name_list(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise InvalidTensorError naming every tensor that holds NaN or inf."""
     from .errors import InvalidTensorError
 
-    # a sum is finite iff every element is (barring overflow, re-checked exactly): ~30x faster than isfinite().all()
-    suspects = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(torch.sum(v, dtype=torch.float32))]
-    bad = [k for k in suspects if not torch.isfinite(tensors[k]).all()]
+    bad = non_finite(tensors)
     if bad:
-        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise InvalidTensorError(f"{what} contains NaN or inf values in {len(bad)} tensors: {shown}")
+        raise InvalidTensorError(f"{what} contains NaN or inf values in {len(bad)} tensors: {name_list(bad)}")

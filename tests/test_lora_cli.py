@@ -42,8 +42,10 @@ def test_convert_to_webui_and_back(diffusers_file, tmp_path, capsys):
     assert main(["lora", "convert", str(diffusers_file), str(webui)]) == 0
     lora = read_lora(webui)
     assert lora.source_format == "kohya" and lora.metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
-    assert main(["lora", "convert", str(webui), str(webui)]) == 2  # exists, no --overwrite
+    assert main(["lora", "convert", str(diffusers_file), str(webui)]) == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
+    assert main(["lora", "convert", str(webui), str(webui), "--overwrite"]) == 2  # never over its own input
+    assert "is the input" in capsys.readouterr().err
     assert main(["lora", "convert", str(webui), str(tmp_path / "peft"), "--to", "peft"]) == 0
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     assert read_lora(tmp_path / "peft").source_format == "peft"
@@ -97,9 +99,12 @@ def test_inspect_a_custom_model_lora_says_unknown_then_fits_with_model(tmp_path,
     pytest.importorskip("diffusers")
     from spo_core.world import load_world_backend
 
+    from spo_core.lora import to_webui
+
     table = load_world_backend().module_table()
     path = tmp_path / "world_lora.safetensors"
-    save_lora(random_lora(table, spo_modules(table), rank=4), path, fmt="webui")
+    # a file without the module table the pack writes into its own LoRAs (e.g. from another trainer)
+    save_safetensors(to_webui(random_lora(table, spo_modules(table), rank=4)), path)
     assert main(["lora", "inspect", str(path)]) == 1  # its shapes fit no SD model
     out = capsys.readouterr().out
     assert "base model  unknown" in out and "--model" in out
@@ -107,3 +112,11 @@ def test_inspect_a_custom_model_lora_says_unknown_then_fits_with_model(tmp_path,
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] and data["modules"] == len(spo_modules(table)) and data["arch"].startswith("custom")
     assert main(["lora", "inspect", str(path), "--model", "world", "--arch", "sd15"]) == 2
+    capsys.readouterr()
+    # the pack's own LoRA of the same model carries the model's table: every verb reads it as it is
+    own = tmp_path / "own.safetensors"
+    save_lora(random_lora(table, spo_modules(table), rank=4), own, fmt="webui")
+    assert main(["lora", "inspect", str(own), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["arch"] == table.arch
+    assert main(["lora", "convert", str(own), str(tmp_path / "own_diffusers.safetensors"), "--to", "diffusers"]) == 0
+    assert main(["lora", "resize", str(own), str(tmp_path / "own_r2.safetensors"), "--rank", "2"]) == 0

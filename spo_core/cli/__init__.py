@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import sys
 
@@ -37,7 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerate_undecodable_paths() -> None:
+    """Paths that are not valid UTF-8 reach Python as surrogate escapes; print them back as the
+    bytes they were (as ls does) instead of failing on them."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.fileno()  # a real file or terminal, not a capture buffer
+            stream.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _tolerate_undecodable_paths()
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
@@ -45,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except SPOError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an OS error no library call turned into an SPOError: still one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

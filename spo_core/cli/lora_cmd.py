@@ -114,14 +114,20 @@ def _convert(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from ..lora import CheckpointReader, extract_lora, save_lora
     from ..progress import TqdmProgress
+    from ..safe_io import check_output_path
 
+    check_output_path(args.output, [args.base, args.tuned], folder=args.fmt == "peft")
+    if args.report:
+        check_output_path(args.report, [args.base, args.tuned, args.output])
     te = {"auto": "auto", "yes": True, "no": False}[args.text_encoder]
     bar = TqdmProgress()
-    with CheckpointReader(args.base) as base, CheckpointReader(args.tuned) as tuned:
-        lora, rep = extract_lora(base, tuned, rank=args.rank, energy=args.energy, groups=args.groups.split(","),
-                                 text_encoders=te, conv_rank=args.conv_rank, method=args.svd, min_diff=args.min_diff,
-                                 device=args.device, progress=bar)
-    bar.close()
+    try:
+        with CheckpointReader(args.base) as base, CheckpointReader(args.tuned) as tuned:
+            lora, rep = extract_lora(base, tuned, rank=args.rank, energy=args.energy, groups=args.groups.split(","),
+                                     text_encoders=te, conv_rank=args.conv_rank, method=args.svd, min_diff=args.min_diff,
+                                     device=args.device, progress=bar)
+    finally:
+        bar.close()
     save_lora(lora, args.output, fmt=args.fmt, dtype=args.dtype, overwrite=args.overwrite)
     print(rep.to_text())
     if args.report:
@@ -135,20 +141,30 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from ..lora import merge_into_checkpoint, read_lora
+    from ..lora.merge import merged_output_path
     from ..progress import TqdmProgress
+    from ..safe_io import check_output_path
 
+    out = merged_output_path(args.checkpoint, args.output)
+    check_output_path(out, [args.checkpoint, args.lora], folder=_is_dir(args.checkpoint))
     lora = read_lora(args.lora)
     lora.require_clean(allow_partial=args.allow_partial, what=args.lora)
     bar = TqdmProgress()
-    out = merge_into_checkpoint(args.checkpoint, lora, args.output, strength=args.strength, overwrite=args.overwrite, progress=bar)
-    bar.close()
-    print(f"merged {len(lora.modules) + len(lora.diffs)} modules at strength {args.strength:g} into {out}")
+    try:
+        out = merge_into_checkpoint(args.checkpoint, lora, args.output, strength=args.strength, overwrite=args.overwrite,
+                                    progress=bar, inputs=(args.lora,))
+    finally:
+        bar.close()
+    renamed = "" if str(out) == args.output else " (a merged single file is always written as safetensors)"
+    print(f"merged {len(lora.modules) + len(lora.diffs)} modules at strength {args.strength:g} into {out}{renamed}")
     return 0
 
 
 def _resize(args: argparse.Namespace) -> int:
     from ..lora import read_lora, resize_lora, save_lora
+    from ..safe_io import check_output_path
 
+    check_output_path(args.output, [args.input], folder=args.fmt == "peft")
     lora = read_lora(args.input)
     lora.require_clean(what=args.input)
     new, retained = resize_lora(lora, rank=args.rank, energy=args.energy)
@@ -158,3 +174,9 @@ def _resize(args: argparse.Namespace) -> int:
     print(f"resized {len(retained)} modules to ranks {sorted(new.ranks())}; retained energy mean {mean:.4f}, worst {worst:.4f}")
     print(f"wrote {args.output}")
     return 0
+
+
+def _is_dir(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).expanduser().is_dir()

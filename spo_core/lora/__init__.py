@@ -12,12 +12,18 @@ from .read import detect_arch, read_lora
 from .report import LoRAReport, report
 from .resize import resize_lora
 from .tables import KNOWN_ARCHS, ModuleInfo, ModuleTable, load_table, table_for_pipeline, table_from_models
-from .write import FORMATS, save_lora, to_diffusers, to_peft, to_webui
+from .write import FORMATS, normalize_format, save_lora, to_diffusers, to_peft, to_webui
 
 
 def convert_lora(src, dst, fmt: str = "webui", dtype=None, overwrite: bool = False, arch=None,
-                 allow_partial: bool = False, title: str | None = None) -> tuple[LoRA, LoRAReport]:
-    """Read `src` (any format), refuse unusable or partial files unless allowed, write `dst` in `fmt`."""
+                 allow_partial: bool = False, title: str | None = None, create_parent: bool = False) -> tuple[LoRA, LoRAReport]:
+    """Read `src` (any format), refuse unusable or partial files unless allowed, write `dst` in `fmt`.
+
+    An output that is (or contains, or lies inside) the input is refused before anything is read;
+    so is a missing output folder unless `create_parent` (hosts writing into their own folders)."""
+    from ..safe_io import check_output_path
+
+    check_output_path(dst, [src], folder=normalize_format(fmt) == "peft", create_parent=create_parent)
     lora = read_lora(src, arch=arch)
     lora.require_clean(allow_partial=allow_partial, what=str(src))
     save_lora(lora, dst, fmt=fmt, dtype=dtype, overwrite=overwrite, title=title)

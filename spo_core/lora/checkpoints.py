@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Iterator
 import torch
 
 from ..errors import CorruptFileError, ModelMismatchError
-from ..safe_io import check_exists, is_safetensors, load_pickle_weights_only, read_safetensors_header
+from ..safe_io import _ST_TO_DTYPE, check_exists, is_safetensors, load_pickle_weights_only, open_safetensors
 from .tables import KNOWN_ARCHS, ModuleTable, canonical_te_name, load_table
 
 log = logging.getLogger(__name__)
@@ -57,28 +58,21 @@ class _Files:
 
     def __init__(self) -> None:
         self.handles: dict[str, object] = {}
-        self.headers: dict[str, dict] = {}
 
     def keys(self, path: str) -> list[str]:
         if is_safetensors(path):
-            header, _ = read_safetensors_header(path)
-            return list(header)
+            return self._safe(path).keys()
         return list(self._pickle(path))
 
     def shape(self, path: str, key: str) -> tuple[int, ...]:
         if is_safetensors(path):
-            return tuple(self._safe(path).get_slice(key).get_shape())
+            return self._safe(path).shape(key)
         return tuple(self._pickle(path)[key].shape)
 
     def info(self, path: str, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape without reading the data."""
         if is_safetensors(path):
-            from ..safe_io import _ST_TO_DTYPE
-
-            header = self.headers.get(path)
-            if header is None:
-                header = self.headers[path] = read_safetensors_header(path)[0]
-            entry = header[key]
+            entry = self._safe(path).header[key]
             return _ST_TO_DTYPE[entry["dtype"]], tuple(entry["shape"])
         t = self._pickle(path)[key]
         return t.dtype, tuple(t.shape)
@@ -90,9 +84,7 @@ class _Files:
 
     def _safe(self, path: str):
         if path not in self.handles:
-            from safetensors import safe_open
-
-            self.handles[path] = safe_open(path, framework="pt", device="cpu")
+            self.handles[path] = open_safetensors(path)
         return self.handles[path]
 
     def _pickle(self, path: str) -> dict:
@@ -100,7 +92,9 @@ class _Files:
             obj = load_pickle_weights_only(Path(path))
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
                 obj = obj["state_dict"]
-            self.handles[path] = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            if not isinstance(obj, dict):
+                raise CorruptFileError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+            self.handles[path] = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         return self.handles[path]
 
     def close(self) -> None:
@@ -196,7 +190,10 @@ class CheckpointReader:
         layer, rest = parts[2], ".".join(parts[3:])
         base = f"text_model.encoder.layers.{layer}."
         if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-            width = self.files.shape(file, key)[0] // 3
+            shape = self.files.shape(file, key)
+            if not shape or shape[0] % 3:
+                raise CorruptFileError(f"{file}: {key} has shape {list(shape)}, not three stacked q/k/v projections")
+            width = shape[0] // 3
             target = self.locations if rest.endswith("weight") else self.biases
             for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
                 target[(comp, base + "self_attn." + proj)] = Location(file, key, rows=(i * width, (i + 1) * width))
@@ -210,6 +207,8 @@ class CheckpointReader:
             table = arch
         else:
             table = load_table(arch) if arch else self._detect()
+            if arch is None and self.path.is_dir() and self._misfit(table):
+                table = self._folder_table(table)
         ldm = getattr(self, "_ldm_unet", None)
         if ldm:
             for param_key, key in ldm.items():
@@ -221,6 +220,29 @@ class CheckpointReader:
                 if target is not None:
                     target[("unet", info.name)] = Location(self._single_file, key)
         return table
+
+    def _misfit(self, table: ModuleTable) -> str | None:
+        """The first indexed module whose weight shape differs from the table's, described; None if all fit."""
+        for (comp, name), loc in self.locations.items():
+            info = table.get(comp, name)
+            if info is None or loc.rows is not None:
+                continue
+            shape = self.files.shape(loc.file, loc.key)
+            if math.prod(shape) != math.prod(info.shape):
+                return f"{comp}:{name} has shape {list(shape)}, {table.arch} has {list(info.shape)}"
+        return None
+
+    def _folder_table(self, detected: ModuleTable) -> ModuleTable:
+        """A diffusers folder of a custom (e.g. tiny) model: its own table, from its configs."""
+        if not (self.path / "unet" / "config.json").is_file():
+            raise ModelMismatchError(f"{self.path} is not an SD1.5/SD2/SDXL model ({self._misfit(detected)}) and has "
+                                     "no unet/config.json to read its own layout from")
+        from .tables import table_from_config_folder
+
+        try:
+            return table_from_config_folder(self.path)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise CorruptFileError(f"{self.path}: cannot build the model's layout from its configs ({exc})") from exc
 
     def _detect(self) -> ModuleTable:
         """The real architecture whose UNet/TE shapes fit this checkpoint."""
@@ -234,7 +256,8 @@ class CheckpointReader:
             key = self._ldm_unet.get(ldm_name + ".weight")
             loc = Location(self._single_file, key) if key else None
         if loc is not None:
-            ctx = self.files.shape(loc.file, loc.key)[-1]
+            shape = self.files.shape(loc.file, loc.key)
+            ctx = shape[-1] if shape else None
         by_ctx = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
         if ctx in by_ctx:
             return load_table(by_ctx[ctx])
@@ -242,7 +265,8 @@ class CheckpointReader:
             return load_table("sdxl")
         q = self.locations.get(("te1", "text_model.encoder.layers.0.self_attn.q_proj"))
         if q is not None:
-            width = (q.rows[1] - q.rows[0]) if q.rows else self.files.shape(q.file, q.key)[0]
+            shape = self.files.shape(q.file, q.key)
+            width = (q.rows[1] - q.rows[0]) if q.rows else (shape[0] if shape else None)
             return load_table({768: "sd15", 1024: "sd2"}.get(width, "sd15"))
         raise ModelMismatchError(
             f"{self.path}: cannot tell which model this is (no SD1.5/SD2/SDXL UNet or text encoder keys found); "

@@ -210,6 +210,10 @@ def extract_lora(
         report.layers.append(LayerResult(info.component, info.name, k, retained, float(diff.norm())))
         reporter.update(i + 1, info.name, energy=retained)
     report.seconds = time.perf_counter() - start
+    if not lora.modules:
+        raise ConfigError(
+            f"the two models do not differ in any of the {len(targets)} targeted layers (max |difference| <= {min_diff:g}): "
+            "nothing to extract. Did you give the same model twice?")
     lora.metadata["spo_extracted"] = f"{method} svd, " + (f"energy {energy}" if energy else f"rank {rank}")
     return lora, report
 

@@ -9,6 +9,7 @@ files are copied.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelMismatchError, OutputExistsError
+from ..errors import ConfigError, InvalidTensorError, ModelMismatchError, OutputExistsError
 from ..progress import CancelFn, ProgressFn, Reporter
-from ..safe_io import LazyTensor, read_safetensors_header, save_safetensors_lazy
+from ..safe_io import (SAFETENSORS_SUFFIXES, LazyTensor, atomic_folder, atomic_output, check_exists, check_output_path,
+                       name_list, read_safetensors_header, save_safetensors_lazy)
 from .checkpoints import CheckpointReader, Location, raw_keys
 from .model import LoRA
 from .tables import live_te_name
@@ -64,6 +66,14 @@ def _apply(tensor: torch.Tensor, changes: list) -> torch.Tensor:
     return out.to(tensor.dtype)
 
 
+def merged_output_path(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Where a merge is written: a single file always as safetensors (OUT.ckpt -> OUT.safetensors)."""
+    output = Path(output).expanduser()
+    if Path(checkpoint).is_dir() or output.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return output
+    return output.with_suffix(".safetensors")
+
+
 def merge_into_checkpoint(
     checkpoint: str | os.PathLike,
     lora: LoRA,
@@ -72,16 +82,30 @@ def merge_into_checkpoint(
     overwrite: bool = False,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    inputs: tuple = (),
 ) -> Path:
-    """Write `checkpoint` with `lora` merged at `strength` to `output` (same layout as the input)."""
-    reader = CheckpointReader(checkpoint, arch=lora.table if lora.arch not in ("sd15", "sd2", "sdxl") else None)
-    edits = _edits(reader, lora, strength)
-    output = Path(output)
+    """Write `checkpoint` with `lora` merged at `strength` to `output` (same layout as the input);
+    returns the path written (see `merged_output_path`).
+
+    Safe by construction: an output that is, contains or lies inside the checkpoint (or any of
+    `inputs`, e.g. the LoRA file) is refused before anything is read; the new file or folder is
+    built beside the old output and swapped in only when complete; a merge that would write NaN
+    or inf (a non-finite strength, a delta beyond the checkpoint dtype's range) writes nothing and
+    names the tensors.
+    """
+    if not math.isfinite(strength):
+        raise ConfigError(f"strength must be a finite number, got {strength}")
+    source = check_exists(checkpoint, "checkpoint")
+    output = merged_output_path(source, output)
+    check_output_path(output, [source, *inputs], folder=source.is_dir())
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} exists; pass overwrite (--overwrite) to replace it")
+    reader = CheckpointReader(source, arch=lora.table if lora.arch not in ("sd15", "sd2", "sdxl") else None)
+    edits = _edits(reader, lora, strength)
     files = raw_keys(reader)
     reporter = Reporter("merge", sum(len(k) for k in files.values()), progress, cancel)
     done = 0
+    overflowed: list[str] = []
 
     def write_file(src: str, dst: Path) -> None:
         nonlocal done
@@ -99,29 +123,41 @@ def merge_into_checkpoint(
                 if done % 50 == 0:
                     reporter.update(done, key)
                 t = reader.files.get(src, key)
-                return _apply(t, changes) if changes else t
+                if not changes:
+                    return t
+                merged = _apply(t, changes)
+                if not torch.isfinite(merged).all():
+                    overflowed.append(key)
+                return merged
 
             specs.append(LazyTensor(key, dtype, shape, produce))
-        save_safetensors_lazy(specs, dst, meta or None, overwrite=overwrite)
+        save_safetensors_lazy(specs, dst, meta or None, overwrite=True)
+
+    def refuse_overflow() -> None:
+        if overflowed:
+            raise InvalidTensorError(
+                f"merging at strength {strength:g} would write NaN or inf into {len(overflowed)} tensors of {source} "
+                f"(beyond their dtype's range): {name_list(overflowed)}. Nothing was written; lower the strength, "
+                "or merge into an fp32 checkpoint")
 
     try:
         if reader.path.is_dir():
-            if output.exists():
-                shutil.rmtree(output)
             changed = {f for f, _ in edits}
-            for src in reader.path.rglob("*"):
-                rel = src.relative_to(reader.path)
-                dst = output / rel
-                if src.is_dir():
-                    continue
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if str(src) in changed:
-                    write_file(str(src), dst.with_suffix(".safetensors") if dst.suffix == ".bin" else dst)
-                else:
-                    shutil.copy2(src, dst)
+            with atomic_folder(output, overwrite=overwrite) as tmp:
+                for src in sorted(reader.path.rglob("*")):
+                    if src.is_dir():
+                        continue
+                    dst = tmp / src.relative_to(reader.path)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    if str(src) in changed:
+                        write_file(str(src), dst.with_suffix(".safetensors") if dst.suffix == ".bin" else dst)
+                    else:
+                        shutil.copy2(src, dst)
+                refuse_overflow()
         else:
-            src = str(reader.path)
-            write_file(src, output if output.suffix in (".safetensors", ".sft") else output.with_suffix(".safetensors"))
+            with atomic_output(output, overwrite=overwrite) as tmp:
+                write_file(str(reader.path), tmp)
+                refuse_overflow()
     finally:
         reader.close()
     reporter.update(reporter.total, "done")
@@ -154,4 +190,4 @@ def merge_into_modules(modules: dict[str, torch.nn.Module], lora: LoRA, strength
     return count
 
 
-__all__ = ["merge_into_checkpoint", "merge_into_modules", "Location"]
+__all__ = ["merge_into_checkpoint", "merge_into_modules", "merged_output_path", "Location"]

@@ -42,8 +42,21 @@ SUFFIXES: dict[str, tuple[str, str]] = {
 }
 SUFFIX_ORDER = sorted(SUFFIXES, key=len, reverse=True)
 
-# parts we can read but not represent as a plain LoRA (LoHa, LoKr, DoRA, GLoRA, OFT...)
-UNSUPPORTED_MARKERS = ("hada_", "lokr_", "oft_", ".a1.weight", ".b1.weight", ".w_norm", ".b_norm")
+# LyCORIS algorithms that are not a plain low-rank product: key marker -> name
+UNSUPPORTED_MARKERS = {"hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", ".a1.weight": "GLoRA", ".b1.weight": "GLoRA",
+                       ".w_norm": "LyCORIS norm", ".b_norm": "LyCORIS norm"}
+# DoRA's magnitude vectors: kohya `.dora_scale` (a part of a module) and PEFT `lora_magnitude_vector`
+DORA_MARKERS = (".dora_scale", "lora_magnitude_vector")
+
+
+def unsupported_algorithm(key: str, dora: bool = False) -> str | None:
+    """The name of the non-LoRA algorithm a key belongs to (LoHa, LoKr, OFT, ...; DoRA when asked), or None."""
+    for marker, label in UNSUPPORTED_MARKERS.items():
+        if marker in key:
+            return label
+    if dora and any(marker in key for marker in DORA_MARKERS):
+        return "DoRA"
+    return None
 
 
 def flatten(name: str) -> str:

@@ -24,8 +24,8 @@ import torch
 from ..errors import LoRAFormatError
 from ..safe_io import check_exists, check_finite, load_state_dict
 from .model import DiffModule, LoRA, LoRAModule
-from .naming import UNSUPPORTED_MARKERS, alias_map, split_key
-from .tables import KNOWN_ARCHS, ModuleInfo, ModuleTable, load_table, resolve_table
+from .naming import alias_map, split_key, unsupported_algorithm
+from .tables import KNOWN_ARCHS, ModuleInfo, ModuleTable, load_table, resolve_table, table_from_metadata
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,20 @@ def _fold_mid(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
 
 
 def _peft_alpha(configs: dict[str, dict], comp: str, name: str, rank: int) -> float | None:
+    """The alpha peft itself gives module `name`: the first `alpha_pattern` key that matches the
+    end of the name wins (peft's `get_pattern_key`), else `lora_alpha`; rsLoRA folded in."""
     cfg = configs.get(comp)
     if not cfg:
         return None
     alpha = float(cfg.get("lora_alpha", cfg.get("r", rank)))
     for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
+        try:
+            hit = re.match(rf"(.*\.)?({pattern})$", name)
+        except re.error as exc:
+            raise LoRAFormatError(f"adapter_config.json: alpha_pattern key {pattern!r} is not a valid regex ({exc})") from exc
+        if hit:
             alpha = float(value)
+            break
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     return scaling * rank
 
@@ -131,19 +138,24 @@ def _format_label(prefix_key: str, scheme: str, info: ModuleInfo) -> str:
 
 
 def _match(sd: Mapping[str, torch.Tensor], table: ModuleTable):
+    """Sort a state dict's keys by module and part; keys naming no module, or a module twice, are kept aside."""
     amap = alias_map(table)
     parts: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = defaultdict(dict)
-    unmatched, labels = [], Counter()
+    unmatched, labels, twice = [], Counter(), []
     for key, tensor in sd.items():
         hit = split_key(key, amap)
-        if hit is None or any(marker in key for marker in UNSUPPORTED_MARKERS):
+        if hit is None or unsupported_algorithm(key):
             unmatched.append(key)
             continue
         info, part, scheme = hit
-        parts[(info.component, info.name)][part] = (key, tensor)
+        slot = parts[(info.component, info.name)]
+        if part in slot:
+            twice.append((info, slot[part][0], key))
+            continue
+        slot[part] = (key, tensor)
         if part != "alpha":
             labels[_format_label(key, scheme, info)] += 1
-    return parts, unmatched, labels
+    return parts, unmatched, labels, twice
 
 
 def _score(table: ModuleTable, parts) -> tuple[int, int]:
@@ -186,15 +198,21 @@ def read_lora(
         raise LoRAFormatError(f"{name} holds no tensors")
 
     tables = [resolve_table(arch)] if arch is not None else [resolve_table(c) for c in candidates]
+    own = table_from_metadata(meta) if arch is None else None
+    if own is not None:
+        tables.append(own)  # a LoRA the pack wrote for a custom model carries that model's table
     claimed = metadata_arch(meta)
     best = None
     for table in tables:
-        parts, unmatched, labels = _match(sd, table)
+        parts, unmatched, labels, twice = _match(sd, table)
         fitting, matched = _score(table, parts)
         rank = (fitting, matched, table.arch == claimed)
         if best is None or rank > best[0]:
-            best = (rank, table, parts, unmatched, labels)
-    (fitting, matched, _), table, parts, unmatched, labels = best
+            best = (rank, table, parts, unmatched, labels, twice)
+    (fitting, matched, _), table, parts, unmatched, labels, twice = best
+    algorithms = unsupported_algorithms(sd)
+    if matched == 0 and algorithms:
+        raise LoRAFormatError(_unsupported_message(name, algorithms))
     if matched == 0:
         sample = "\n  ".join(sorted(sd)[:12])
         raise LoRAFormatError(
@@ -206,6 +224,14 @@ def read_lora(
         )
 
     lora = LoRA(table, metadata=dict(meta), unmatched=sorted(unmatched))
+    for info, first, second in twice:
+        lora.problems.append(f"module {info.component}:{info.name} is stored twice, as {first} and as {second} "
+                             "(two naming schemes in one file): remove one copy")
+    doubled = {(info.component, info.name) for info, _, _ in twice}
+    for label, keys in algorithms.items():
+        message = f"{len(keys)} {label} keys (e.g. {keys[0]}): {label} is not supported, only LoRA and LoCon"
+        # DoRA rescales whole weights: its modules must not be used as plain LoRAs, even partially
+        (lora.problems if label == "DoRA" else lora.notes).append(message)
     lora.source_format = labels.most_common(1)[0][0] if labels else "unknown"
     if len(labels) > 1:
         lora.notes.append("mixed naming schemes: " + ", ".join(f"{k} ({v})" for k, v in labels.most_common()))
@@ -218,6 +244,8 @@ def read_lora(
     assumed_alpha = 0
     for (comp, mname), p in parts.items():
         info = table.get(comp, mname)
+        if (comp, mname) in doubled:
+            continue
         if "diff" in p or "diff_b" in p:
             diff = p.get("diff", (None, None))[1]
             diff_b = p.get("diff_b", (None, None))[1]
@@ -228,13 +256,18 @@ def read_lora(
             if "down" not in p and "up" not in p:
                 continue
         if "dora_scale" in p:
-            lora.problems.append(f"{p['dora_scale'][0]}: DoRA (weight-decomposed LoRA) is not supported; module {comp}:{mname} cannot be used")
-            continue
+            continue  # refused as a whole above
         if "down" not in p or "up" not in p:
             have = next(iter(p.values()))[0]
             lora.problems.append(f"{have}: module {comp}:{mname} has no {'up' if 'down' in p else 'down'} weight")
             continue
         down, up = p["down"][1], p["up"][1]
+        if not (down.is_floating_point() and up.is_floating_point()):
+            lora.problems.append(f"{p['down'][0]}: factors of dtype {down.dtype} / {up.dtype}, not floating point")
+            continue
+        if down.ndim >= 1 and down.shape[0] == 0:
+            lora.problems.append(f"{p['down'][0]}: module {comp}:{mname} has rank 0 (an empty factor)")
+            continue
         if "mid" in p:
             down = _fold_mid(down, p["mid"][1])
         if not _fits(info, down, up):
@@ -246,7 +279,14 @@ def read_lora(
         down, up = _normalize(info, down, up)
         rank = down.shape[0]
         if "alpha" in p:
-            alpha = float(p["alpha"][1].float().item())
+            key, value = p["alpha"]
+            if value.numel() != 1 or value.dtype == torch.bool:
+                lora.problems.append(f"{key}: alpha must be one number, found {value.dtype} of shape {list(value.shape)}")
+                continue
+            alpha = float(value.float().item())
+            if not math.isfinite(alpha):
+                lora.problems.append(f"{key}: alpha is {alpha}")
+                continue
             if alpha == 0:
                 alpha = float(rank)  # kohya: alpha 0 / None means alpha = rank
         else:
@@ -257,12 +297,32 @@ def read_lora(
         lora.modules[(comp, mname)] = LoRAModule(info, down, up, alpha)
     if assumed_alpha:
         lora.notes.append(f"{assumed_alpha} modules have no alpha: assumed alpha = rank (scale 1), as every loader does")
+    if not lora.modules and not lora.diffs and algorithms:
+        raise LoRAFormatError(_unsupported_message(name, algorithms))
     if check_values:
         tensors = {f"{c}:{n}.down": m.down for (c, n), m in lora.modules.items()}
         tensors.update({f"{c}:{n}.up": m.up for (c, n), m in lora.modules.items()})
         tensors.update({f"{c}:{n}.diff": d.diff for (c, n), d in lora.diffs.items() if d.diff is not None})
         check_finite(tensors, name)
     return lora
+
+
+def unsupported_algorithms(sd: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """LyCORIS / DoRA algorithms a state dict uses that are not plain LoRA: label -> keys."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for key in sd:
+        label = unsupported_algorithm(key, dora=True)
+        if label:
+            found[label].append(key)
+    return dict(found)
+
+
+def _unsupported_message(name: str, algorithms: dict[str, list[str]]) -> str:
+    labels = " + ".join(sorted(algorithms))
+    count = sum(len(keys) for keys in algorithms.values())
+    example = next(iter(algorithms.values()))[0]
+    return (f"{name} is a {labels} file ({count} {labels} keys, e.g. {example}): {labels} is not supported; "
+            "only LoRA and LoCon files can be read, converted or merged")
 
 
 def detect_arch(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:

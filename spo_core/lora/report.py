@@ -90,6 +90,18 @@ def _block_key(block: str) -> tuple:
     return (_BLOCK_ORDER.index(head) if head in _BLOCK_ORDER else 9, int(idx) if idx.isdigit() else 0)
 
 
+def mixed_attention_alphas(lora: LoRA) -> list[str]:
+    """Attention layers whose q/k/v/out modules carry different alphas. diffusers (0.42) scales all
+    of an attention's modules by one of their alphas when it loads a kohya file, so those load
+    mis-scaled there (x0.25 .. x4 measured); its own format has no alphas and loads exactly."""
+    by_attention: dict[str, set] = defaultdict(set)
+    for (comp, name), m in lora.modules.items():
+        head, _, leaf = name.rpartition(".attn")
+        if comp == "unet" and head and leaf[:1] in "12":
+            by_attention[f"{head}.attn{leaf[:1]}"].add(round(m.alpha, 6))
+    return sorted(k for k, alphas in by_attention.items() if len(alphas) > 1)
+
+
 def report(lora: LoRA, source: str | os.PathLike | None = None) -> LoRAReport:
     blocks: dict[str, Counter] = defaultdict(Counter)
     dtypes: Counter = Counter()
@@ -98,6 +110,13 @@ def report(lora: LoRA, source: str | os.PathLike | None = None) -> LoRAReport:
         dtypes[str(m.down.dtype).replace("torch.", "")] += 1
     for d in lora.diffs.values():
         blocks[d.info.block]["diff"] += 1
+    notes = list(lora.notes)
+    mixed = mixed_attention_alphas(lora) if lora.source_format.startswith(("kohya", "lycoris", "comfy")) else []
+    if mixed:
+        notes.append(f"{len(mixed)} attention layers carry different alphas on their q/k/v/out modules (e.g. {mixed[0]}): "
+                     "diffusers' load_lora_weights mis-scales such kohya files; for diffusers, give it the output of "
+                     "`spo lora convert FILE OUT --to diffusers` (or --to peft), which loads exactly. ComfyUI and the WebUI "
+                     "apply each alpha correctly")
     file_mb = None
     if source is not None and Path(source).is_file():
         file_mb = Path(source).stat().st_size / 1e6
@@ -117,6 +136,6 @@ def report(lora: LoRA, source: str | os.PathLike | None = None) -> LoRAReport:
         metadata={k: lora.metadata[k] for k in _SHOWN_METADATA if k in lora.metadata},
         unmatched=list(lora.unmatched),
         problems=list(lora.problems),
-        notes=list(lora.notes),
+        notes=notes,
         file_mb=file_mb,
     )

@@ -286,22 +286,31 @@ def table_for_pipeline(pipe, arch: str | None = None) -> ModuleTable:
 
 def build_table(arch: str) -> ModuleTable:
     """Build a real architecture's table from the shipped diffusers configs on the meta device."""
+    return table_from_config_folder(CONFIG_DIR / arch, arch, FAMILY[arch])
+
+
+def table_from_config_folder(folder: Path, arch: str | None = None, family: str | None = None) -> ModuleTable:
+    """The table of a diffusers model folder (its unet/ and text_encoder*/ configs, built on `meta`):
+    how custom and tiny models get exact names and shapes without loading a weight."""
     from ..errors import require
 
     diffusers = require("diffusers", "building module tables", "diffusers")
     transformers = require("transformers", "building module tables", "scorers")
-    with open(CONFIG_DIR / arch / "unet" / "config.json") as f:
+    with open(folder / "unet" / "config.json") as f:
         unet_config = json.load(f)
     tes = []
     for comp, cls in (("text_encoder", transformers.CLIPTextModel), ("text_encoder_2", transformers.CLIPTextModelWithProjection)):
-        path = CONFIG_DIR / arch / comp / "config.json"
+        path = folder / comp / "config.json"
         if path.is_file():
-            cfg = {k: v for k, v in json.load(open(path)).items() if k not in ("architectures", "model_type", "torch_dtype")}
+            with open(path) as f:
+                cfg = {k: v for k, v in json.load(f).items() if k not in ("architectures", "model_type", "torch_dtype")}
             with torch.device("meta"):
                 tes.append(cls(transformers.CLIPTextConfig(**cfg)))
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel.from_config(unet_config)
-    return table_from_models(arch, FAMILY[arch], unet, unet_config, tes)
+    if family is None:
+        family = "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd1"
+    return table_from_models(arch or f"custom-{family}", family, unet, unet_config, tes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,6 +333,38 @@ def resolve_table(arch_or_table: "str | ModuleTable") -> ModuleTable:
     if isinstance(arch_or_table, ModuleTable):
         return arch_or_table
     return load_table(arch_or_table)
+
+
+TABLE_METADATA_KEY = "spo_module_table"
+
+
+def table_metadata(table: ModuleTable, infos: Iterable[ModuleInfo]) -> dict[str, str]:
+    """For a LoRA of a custom model (not SD1.5/SD2/SDXL): the shapes of its modules, as file metadata,
+    so every tool can read the file later without being given the model."""
+    if table.arch in KNOWN_ARCHS:
+        return {}
+    mods = sorted({(m.component, m.name): m for m in infos}.values(), key=lambda m: (m.component, m.name))
+    data = {"arch": table.arch, "family": table.family,
+            "modules": [[m.component, m.name, m.kind, list(m.shape), m.ldm] for m in mods]}
+    return {TABLE_METADATA_KEY: json.dumps(data, separators=(",", ":"))}
+
+
+def table_from_metadata(metadata: dict[str, str]) -> ModuleTable | None:
+    """The module table a LoRA file carries for its custom model, or None (absent or malformed)."""
+    raw = metadata.get(TABLE_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+        if data.get("family") not in FAMILY.values() or not isinstance(data.get("arch"), str):
+            return None
+        for comp, name, kind, shape, ldm in data["modules"]:
+            if (comp not in COMPONENTS or kind not in ("linear", "conv", "norm") or not isinstance(name, str)
+                    or not all(type(d) is int and d > 0 for d in shape) or not (ldm is None or isinstance(ldm, str))):
+                return None
+        return ModuleTable.from_json(data)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def require_same_family(lora_table: ModuleTable, model_table: ModuleTable, what: str = "this LoRA") -> None:

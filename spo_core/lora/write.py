@@ -21,10 +21,11 @@ from typing import Mapping
 
 import torch
 
-from ..errors import ConfigError, LoRAFormatError, OutputExistsError
-from ..safe_io import save_safetensors
+from ..errors import ConfigError, InvalidTensorError, LoRAFormatError
+from ..safe_io import atomic_folder, name_list, non_finite, save_safetensors
 from .model import LoRA
 from .naming import diffusers_prefix, kohya_name
+from .tables import table_metadata
 
 FORMATS = ("webui", "diffusers", "peft")
 FORMAT_ALIASES = {"webui": "webui", "kohya": "webui", "a1111": "webui", "comfyui": "webui", "diffusers": "diffusers", "peft": "peft"}
@@ -80,11 +81,18 @@ def kohya_metadata(lora: LoRA, title: str | None = None, extra: Mapping[str, str
     if convs:
         meta["ss_network_args"] = json.dumps({"conv_dim": str(max(m.rank for m in convs)),
                                               "conv_alpha": f"{max(m.alpha for m in convs):g}"})
+    meta.update(_own_table(lora))
     if title:
         meta["ss_output_name"] = title
         meta["modelspec.title"] = title
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
+
+
+def _own_table(lora: LoRA) -> dict[str, str]:
+    """The custom model's module table (shapes), so the file reads without that model later."""
+    infos = [m.info for m in lora.modules.values()] + [d.info for d in lora.diffs.values()]
+    return table_metadata(lora.table, infos)
 
 
 def to_webui(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -163,6 +171,19 @@ def to_peft(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, tuple[dic
     return out
 
 
+def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None, path: Path) -> None:
+    """The source was checked finite when read: an inf here is a value the output dtype cannot hold."""
+    bad = non_finite(tensors)
+    if not bad:
+        return
+    if dtype is not None and dtype != torch.float32:
+        largest = torch.finfo(dtype).max
+        raise InvalidTensorError(
+            f"{path}: {len(bad)} tensors hold values beyond {str(dtype).replace('torch.', '')}'s range (+-{largest:g}) "
+            f"and would be written as inf: {name_list(bad)}. Keep fp32, or use bf16")
+    raise InvalidTensorError(f"{path}: {len(bad)} tensors would be written with NaN or inf: {name_list(bad)}")
+
+
 def save_lora(
     lora: LoRA,
     path: str | os.PathLike,
@@ -174,25 +195,31 @@ def save_lora(
 ) -> Path:
     """Write `lora` in `fmt` (webui/kohya, diffusers, peft) atomically; returns the path written.
 
-    For peft, `path` is a folder. Refuses an existing output unless `overwrite`.
+    For peft, `path` is a folder, built beside its place and swapped in whole (an old adapter's
+    text-encoder folders never survive into the new one). Refuses an existing output unless
+    `overwrite`, and tensors the output dtype cannot hold (written as inf otherwise).
     """
     fmt = normalize_format(fmt)
     dt = resolve_dtype(dtype)
     path = Path(path)
     if fmt == "webui":
-        meta = kohya_metadata(lora, title or path.stem, extra_metadata)
-        return save_safetensors(to_webui(lora, dt), path, meta, overwrite=overwrite)
+        tensors = to_webui(lora, dt)
+        _refuse_non_finite(tensors, dt, path)
+        return save_safetensors(tensors, path, kohya_metadata(lora, title or path.stem, extra_metadata), overwrite=overwrite)
     if fmt == "diffusers":
         meta = {k: str(v) for k, v in (extra_metadata or {}).items()}
+        meta.update(_own_table(lora))
         meta["format"] = "pt"
-        return save_safetensors(to_diffusers(lora, dt), path, meta, overwrite=overwrite)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} exists; pass overwrite (--overwrite) to replace it")
-    for comp, (sd, config) in to_peft(lora, dt).items():
-        folder = path / _PEFT_DIRS[comp] if _PEFT_DIRS[comp] else path
-        folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors(sd, folder / "adapter_model.safetensors", {"format": "pt"}, overwrite=True)
-        tmp = folder / ".adapter_config.json.partial"
-        tmp.write_text(json.dumps(config, indent=2))
-        os.replace(tmp, folder / "adapter_config.json")
+        tensors = to_diffusers(lora, dt)
+        _refuse_non_finite(tensors, dt, path)
+        return save_safetensors(tensors, path, meta, overwrite=overwrite)
+    parts = to_peft(lora, dt)
+    for sd, _ in parts.values():
+        _refuse_non_finite(sd, dt, path)
+    with atomic_folder(path, overwrite=overwrite) as tmp:
+        for comp, (sd, config) in parts.items():
+            folder = tmp / _PEFT_DIRS[comp] if _PEFT_DIRS[comp] else tmp
+            folder.mkdir(exist_ok=True)
+            save_safetensors(sd, folder / "adapter_model.safetensors", {"format": "pt", **_own_table(lora)}, overwrite=True)
+            (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return path

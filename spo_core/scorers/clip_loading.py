@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CorruptFileError, ModelMismatchError, WeightsNotFoundError
-from ..safe_io import check_exists, is_safetensors, load_pickle_weights_only, read_safetensors_header
+from ..safe_io import check_exists, is_safetensors, load_pickle_weights_only, open_safetensors
 from .clip_torch import CLIPConfigLite, CLIPTorch
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if p.is_dir():
         raise CorruptFileError(f"{p} is a folder; expected a weights file")
     if is_safetensors(p):
-        _, metadata = read_safetensors_header(p)  # clear errors for truncated files
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), framework="pt", device="cpu") as f:  # tensors are views of the mmapped file
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(metadata)
-        except Exception as exc:  # SafetensorError and friends
-            raise CorruptFileError(f"cannot read {p}: {exc}") from exc
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # legacy (non-zip) files cannot be memory-mapped; this also turns errors into clear ones
-        obj = load_pickle_weights_only(p)
+        f = open_safetensors(p)  # tensors are views of the mmapped file
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    obj = load_pickle_weights_only(p, mmap=True)  # legacy (non-zip) files are read whole
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

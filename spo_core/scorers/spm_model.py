@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelMismatchError, WeightsNotFoundError
-from ..safe_io import LazyTensor, atomic_output, save_safetensors_lazy
+from ..errors import ConfigError, InvalidTensorError, ModelMismatchError, WeightsNotFoundError
+from ..safe_io import LazyTensor, atomic_output, check_output_path, name_list, save_safetensors_lazy
 from .clip_loading import (CONFIG_METADATA_KEY, assign_weights, check_state_dict, clip_kind_hint, drop_position_ids,
                            find_hf_weights, key_mismatch_message, load_hf_config, read_weights)
 from .clip_torch import CLIPConfigLite, CLIPTorch, clip_h14_config
@@ -260,9 +260,16 @@ def convert_spm_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: torc
     Streams one tensor at a time from the memory-mapped source, so the peak memory is one tensor,
     after checking the whole key set and every shape."""
     p = find_spm_file(src)
+    check_output_path(dst, [p])
     sd, cfg = _spm_state_dict(p)
     with torch.device("meta"):
         reference = StepAwarePreferenceModel(cfg)
     check_state_dict(reference, sd, str(p), _spm_hint(set(sd), set(reference.state_dict())))
     specs = [_lazy(k, sd[k], dtype) for k in reference.state_dict()]
+    if dtype is not None and dtype != torch.float32:
+        too_big = [k for k in reference.state_dict() if sd[k].is_floating_point() and sd[k].numel()
+                   and float(sd[k].abs().max()) > torch.finfo(dtype).max]
+        if too_big:
+            raise InvalidTensorError(f"{len(too_big)} tensors of {p} hold values beyond {dtype}'s range and would be "
+                                     f"written as inf: {name_list(too_big)}; convert to fp32 or bf16 instead")
     return save_safetensors_lazy(specs, dst, spm_metadata(cfg, **{"spo.source": p.name}), overwrite=overwrite)

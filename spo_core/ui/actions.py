@@ -42,7 +42,8 @@ def convert_lora_file(src: Path, dst: Path, fmt: str = "webui", dtype: str | Non
     from ..lora import convert_lora
 
     dtype = None if dtype in (None, "", "keep") else dtype
-    _, rep = convert_lora(src, dst, fmt=fmt, dtype=dtype, overwrite=overwrite, allow_partial=allow_partial, title=dst.stem)
+    _, rep = convert_lora(src, dst, fmt=fmt, dtype=dtype, overwrite=overwrite, allow_partial=allow_partial, title=dst.stem,
+                          create_parent=True)
     lines = [rep.summary_line(), f"wrote {dst} ({fmt})"]
     if rep.unmatched:
         lines.append(f"warning: {len(rep.unmatched)} keys were not converted: " + ", ".join(rep.unmatched[:8]))
@@ -55,6 +56,9 @@ def extract_lora_file(base: Path, tuned: Path, dst: Path, rank: int | None, ener
                       progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> str:
     from ..lora import CheckpointReader, extract_lora, save_lora
 
+    from ..safe_io import check_output_path
+
+    check_output_path(dst, [base, tuned], folder=fmt == "peft", create_parent=True)
     te = {"auto": "auto", "yes": True, "no": False}.get(text_encoders, "auto")
     if dst.exists() and not overwrite:
         from ..errors import OutputExistsError
@@ -63,9 +67,6 @@ def extract_lora_file(base: Path, tuned: Path, dst: Path, rank: int | None, ener
     with CheckpointReader(base) as b, CheckpointReader(tuned) as t:
         lora, rep = extract_lora(b, t, rank=rank or None, energy=energy or None, text_encoders=te,
                                  conv_rank=conv_rank or None, method=method, device=device, progress=progress, cancel=cancel)
-    if not lora.modules:
-        raise ConfigError("the two checkpoints do not differ in any extracted layer: nothing to extract "
-                          "(did you choose the same file twice?)")
     save_lora(lora, dst, fmt=fmt, dtype=dtype, overwrite=overwrite, title=dst.stem)
     return rep.to_text(limit=20) + f"\n\nwrote {dst} ({fmt}, {dtype})"
 
@@ -80,13 +81,16 @@ def merge_lora_file(checkpoint: Path, lora_path: Path, dst: Path, strength: floa
     with CheckpointReader(checkpoint) as reader:
         ckpt_arch = reader.arch
     lora.ensure_arch(ckpt_arch, what=f"the LoRA {lora_path.name}")
-    out = merge_into_checkpoint(checkpoint, lora, dst, strength=strength, overwrite=overwrite, progress=progress, cancel=cancel)
+    out = merge_into_checkpoint(checkpoint, lora, dst, strength=strength, overwrite=overwrite, progress=progress, cancel=cancel,
+                                inputs=(lora_path,))
     return f"merged {len(lora.modules) + len(lora.diffs)} modules of {lora_path.name} at strength {strength:g} into {out}"
 
 
 def resize_lora_file(src: Path, dst: Path, rank: int | None, energy: float | None, overwrite: bool = False) -> str:
     from ..lora import read_lora, resize_lora, save_lora
+    from ..safe_io import check_output_path
 
+    check_output_path(dst, [src], create_parent=True)
     lora = read_lora(src)
     lora.require_clean(what=src.name)
     new, retained = resize_lora(lora, rank=rank or None, energy=energy or None)
