@@ -74,12 +74,16 @@ class TqdmProgress:
         self.disable = disable
         self.kwargs = tqdm_kwargs
         self.bars: dict[str, Any] = {}
+        self.finished: set[str] = set()
 
     def __call__(self, event: ProgressEvent) -> None:
         from tqdm.auto import tqdm
 
         bar = self.bars.get(event.stage)
+        if bar is None and event.stage in self.finished and event.step >= event.total:
+            return  # a late "done" report of a stage whose bar already finished: no second, instant bar
         if bar is None:
+            self.finished.discard(event.stage)
             bar = tqdm(total=event.total, desc=event.stage, disable=self.disable, **self.kwargs)
             if hasattr(bar, "start_t") and event.elapsed_s:  # the stage began before its first report
                 bar.start_t -= event.elapsed_s
@@ -94,6 +98,7 @@ class TqdmProgress:
         if event.step >= event.total:
             bar.close()
             self.bars.pop(event.stage, None)
+            self.finished.add(event.stage)
 
     def close(self) -> None:
         for bar in self.bars.values():

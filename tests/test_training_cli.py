@@ -49,8 +49,15 @@ def test_spo_train_from_a_toml_file_with_flag_overrides_and_resume(model_dir, tm
         assert "resume" in capsys.readouterr().err
         assert main(["train", "--config", str(run), "--max-steps", "3", "--quiet", "--learning-rate", "1e-3",
                      "--resume", "auto"]) == 0
-    assert "steps: 3" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "steps: 3" in captured.out and "process 1 of 1" in captured.err
     assert lora_tensors(tmp_path / "out" / "spo_lora.safetensors")
+    # resuming a finished run says so (not "last loss: nan")
+    with single_thread():
+        assert main(["train", "--config", str(run), "--max-steps", "3", "--quiet", "--learning-rate", "1e-3",
+                     "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "nan" not in out
 
 
 def test_print_config_resolves_presets_and_flags(capsys):

@@ -128,7 +128,13 @@ def _sample(args: argparse.Namespace) -> int:
     paths = save_images(out.images, args.out, args.overwrite)
     res = out.result
     steps = len(out.sigmas) - 1
-    print(f"wrote {', '.join(paths)}: {steps} steps, {res.pooled_steps} pooled, "
+    if args.best_of > 1:
+        how = f"best of {args.best_of} full samples per image"
+    elif args.k > 1:
+        how = f"{res.pooled_steps} pooled with k = {args.k}"
+    else:
+        how = "plain sampling"
+    print(f"wrote {', '.join(paths)}: {steps} steps, {how}, "
           f"{res.evaluations} denoiser evaluations ({res.evaluations / args.num_images / steps:.2f} per image-step)")
     if args.trace:
         from ..safe_io import atomic_output

@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     device = _device(resolved.device)
     dtype = _dtype(resolved.model_dtype, device)
     rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # every process says what it is: a launcher that silently started one process shows at once
+    print(f"spo train: process {rank + 1} of {world} on {device} ({resolved.method}, {resolved.max_steps} steps, "
+          f"output {resolved.output_dir})", file=sys.stderr)
     backend = DiffusersBackend.from_pretrained(resolved.model, arch=resolved.arch, device=device, dtype=dtype, vae=resolved.vae,
                                                loading_bars=not args.quiet and rank == 0)
     model_path = Path(resolved.model)
@@ -119,7 +123,11 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
     if rank == 0:
         print(f"LoRA: {', '.join(map(str, result.lora_paths))}")
-        print(f"steps: {result.steps}  last loss: {result.metrics.get('loss', float('nan')):.5g}")
+        if "loss" in result.metrics:
+            print(f"steps: {result.steps}  last loss: {result.metrics['loss']:.5g}")
+        else:
+            print(f"steps: {result.steps}  (nothing to train: the run was already at step {result.steps} of "
+                  f"{resolved.max_steps}; raise --max-steps to continue it)")
         print(f"checkpoint: {result.checkpoint}")
         print(f"log: {result.log_path}")
         if result.curves_path:

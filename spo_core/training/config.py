@@ -282,7 +282,9 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
 
 # -- command-line flags --------------------------------------------------------------------------
 
-RESUME_SAFE = {"device", "model_dtype", "model", "vae", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_prompts",
+# settings a resume may change on purpose (the advice after a divergence): the change is logged
+RESUME_ADJUSTABLE = {"learning_rate", "lr_warmup_steps", "max_grad_norm", "mixed_precision"}
+RESUME_SAFE = RESUME_ADJUSTABLE | {"device", "model_dtype", "model", "vae", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_prompts",
                "validation_seeds", "log_every", "resume", "overwrite", "output_name", "lora_format", "save_dtype",
                "output_dir", "scorer_path", "prompts", "pairs", "preset"}
 

@@ -260,6 +260,15 @@ class LoRANetwork(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def unbounded(self, limit: float) -> str | None:
+        """None if every weight is finite and within +-limit, else which one is not (for the message)."""
+        for name, p in self.named_parameters():
+            peak = float(p.detach().abs().max()) if p.numel() else 0.0
+            if not math.isfinite(peak) or peak > limit:
+                return f"{name} reaches {peak:.3g}"
+        return None
+
     def to_lora(self, metadata: dict[str, str] | None = None) -> LoRA:
         """The current weights as a `spo_core.lora.LoRA` (float32 CPU copies)."""
         lora = LoRA(self.table, metadata=dict(metadata or {}), source_format="training")

@@ -27,16 +27,21 @@ from ..errors import Cancelled, ConfigError, InvalidTensorError, OutputExistsErr
 from ..lora.model import LoRA
 from ..progress import CancelFn, ProgressEvent, ProgressFn, Reporter
 from . import checkpoint as ckpt
-from .config import RESUME_SAFE, TrainConfig
+from .config import RESUME_ADJUSTABLE, RESUME_SAFE, TrainConfig
 from .data import LatentPairs, PairRecord, load_pairs, load_prompts
 from .distributed import Distributed
 from .host import TrainingHost
 from .lora_network import LoRANetwork, inject_lora
 from .objectives import OBJECTIVES, DDPOSource, PairSource, SPOSource
 from .outputs import JsonlLog, lora_metadata, output_paths, save_lora_files, write_curves
+from .run_lock import RunLock
 from .validation import Validator
 
 log = logging.getLogger(__name__)
+
+
+# a LoRA factor beyond this is a runaway, not a preference: such weights are never kept as "good"
+MAX_LORA_VALUE = 1e4
 
 
 class TrainingOutOfMemory(SPOError, MemoryError):
@@ -84,12 +89,14 @@ class Trainer:
         self.step = 0
         self.network: LoRANetwork | None = None
         self.history: list[dict[str, Any]] = []
+        self.resume_changes: dict[str, tuple] = {}  # adjustable settings that differ from the resumed checkpoint
         self.validation_paths: list[Path] = []
         self.last_checkpoint: Path | None = None
         self._last_ckpt_step = -1
         self._frozen: list[tuple[torch.nn.Parameter, bool]] = []
         self._checkpointing_on = False
         self._closed = False
+        self._lock: RunLock | None = None
         self.dist: Distributed | None = None
         self.log = JsonlLog(self.output_dir / "log.jsonl")
 
@@ -147,6 +154,8 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         self.dist = Distributed(self.device)
+        if self.rank == 0:
+            self._lock = RunLock(self.output_dir).acquire()
         resume_from = ckpt.resolve_resume(cfg.resume, self.output_dir) if cfg.resume else None
         if cfg.resume and resume_from is None:
             log.info("no checkpoint in %s: starting a new run", self.output_dir)
@@ -159,11 +168,7 @@ class Trainer:
             p.requires_grad_(False)
         self.network = inject_lora(root, table, cfg.targets, cfg.rank, cfg.alpha, cfg.init, cfg.seed, device=self.device)
         if cfg.init_lora:
-            from ..lora.read import read_lora
-
-            lora = read_lora(cfg.init_lora, arch=table)
-            n = self.network.load_lora(lora, strict=False)
-            log.info("started from %s (%d of %d modules)", cfg.init_lora, n, len(self.network.branches))
+            self._start_from_lora(cfg.init_lora, table)
         log.info("LoRA: %d modules, %d parameters (rank %d, alpha %g, targets %s)", len(self.network.branches),
                  self.network.num_parameters(), cfg.rank, cfg.alpha, cfg.targets)
         if cfg.gradient_checkpointing:
@@ -190,7 +195,28 @@ class Trainer:
         if self.rank == 0:
             self.history = self.log.open(keep_until_step=self.step if resume_from is not None else None)
             self.log_event("start", method=cfg.method, resumed_from=str(resume_from) if resume_from else None,
-                           world=self.world, modules=len(self.network.branches), parameters=self.network.num_parameters())
+                           world=self.world, modules=len(self.network.branches), parameters=self.network.num_parameters(),
+                           changed={k: list(v) for k, v in self.resume_changes.items()})
+
+    def _start_from_lora(self, path: str, table) -> None:
+        """init_lora: a LoRA that matches none of the trained modules is an error, never a silent fresh start."""
+        from ..errors import LoRAFormatError
+        from ..lora.read import read_lora
+
+        lora = read_lora(path, arch=table)
+        lora.require_clean(allow_partial=True, what=f"init_lora {path}")
+        n = self.network.load_lora(lora, strict=False)
+        if n == 0:
+            sample = next(iter(lora.modules.values()))
+            raise LoRAFormatError(
+                f"init_lora {path}: none of its {len(lora.modules)} modules is one this run trains ({len(self.network.branches)} "
+                f"{self.cfg.targets} modules at rank {self.cfg.rank}; the file has rank {sample.rank}, e.g. "
+                f"{sample.info.component}:{sample.info.name}): set rank and targets to the file's, or start without it")
+        if n < len(lora.modules):
+            log.warning("init_lora %s: %d of its %d modules are trained by this run; the others are ignored",
+                        path, n, len(lora.modules))
+        self.log_event("init_lora", path=str(path), loaded=n, modules=len(lora.modules))
+        log.info("started from %s (%d of %d modules)", path, n, len(self.network.branches))
 
     def _check_fresh_output(self) -> None:
         cfg = self.cfg
@@ -301,6 +327,16 @@ class Trainer:
         ckpt.check_resume_config(state["config"], self.cfg.to_dict(), RESUME_SAFE)
         lora_sd = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
         self.network.load_state_dict(lora_sd, strict=True)
+        bad = self.network.unbounded(MAX_LORA_VALUE)
+        if bad:
+            older = [c for c in ckpt.list_checkpoints(self.output_dir) if c != folder]
+            raise ConfigError(f"checkpoint {folder} holds unusable LoRA weights ({bad}); resume from an earlier one"
+                              + (f": resume={older[-1]}" if older else ", or start over"))
+        changed = {k: (state["config"].get(k), v) for k, v in self.cfg.to_dict().items()
+                   if k in RESUME_ADJUSTABLE and k in state["config"] and state["config"][k] != v}
+        if changed:
+            log.info("resuming with changed %s", ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            self.resume_changes = changed
         self.optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors, state["optimizer"]))
         self.train_gen.set_state(tensors["rng.train"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -366,6 +402,9 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        bad = self.network.unbounded(MAX_LORA_VALUE)
+        if self.dist.any(bad is not None):
+            self._diverged(float("nan"), what=f"LoRA weights ({bad or 'on another process'})")
         metrics = {k: totals[k] / counts[k] for k in totals}
         metrics.update(lr=lr, grad_norm=grad_norm)
         if self.world > 1 and "loss" in metrics:
@@ -373,15 +412,21 @@ class Trainer:
         return metrics
 
     def _diverged(self, value: float, what: str = "loss") -> None:
-        where = (f"the last good checkpoint is {self.last_checkpoint} (step {self._last_ckpt_step}); resume from it with "
-                 f"resume=auto" if self.last_checkpoint else "no checkpoint was written yet")
+        cfg = self.cfg
+        lower = f"learning_rate={cfg.learning_rate / 3:.3g} (now {cfg.learning_rate:g})"
+        if self.last_checkpoint:
+            where = (f"The last good checkpoint (finite, bounded weights) is {self.last_checkpoint} (step {self._last_ckpt_step}): "
+                     f"continue from it with resume=auto and a lower {lower}")
+        else:
+            where = f"No checkpoint was written yet: start again (overwrite=true) with a lower {lower}"
         self.optimizer.zero_grad(set_to_none=True)
         self.log_event("diverged", value=value, what=what)
-        became = f"became {value}" if what in ("loss", "gradient norm") else "failed: NaN/inf values"
+        became = f"became {value}" if what in ("loss", "gradient norm") else "failed: NaN/inf or runaway values"
+        applied = "this step was not applied" if what in ("loss", "gradient norm") or what.startswith("sampling") else \
+            "nothing of this step was saved"
         raise TrainingDiverged(
-            f"the {what} {became} at step {self.step + 1} ({self.cfg.method}); this step was not applied and "
-            f"training stopped. {where}. Try a lower learning_rate (now {self.cfg.learning_rate:g}), "
-            f"mixed_precision=bf16 instead of fp16, or max_grad_norm=1.")
+            f"the {what} {became} at step {self.step + 1} ({cfg.method}); {applied} and training stopped. {where}; "
+            f"mixed_precision=bf16 instead of fp16 and max_grad_norm=1 also help.")
 
     def _out_of_memory(self, exc: BaseException) -> None:
         cfg = self.cfg
@@ -524,6 +569,9 @@ class Trainer:
         self.log.close()
         if self.dist is not None:
             self.dist.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> "Trainer":
         return self
