@@ -26,7 +26,8 @@ def test_presets_reproduce_the_released_spo_configs():
     xl = preset("sdxl", prompts="p.txt").resolved()
     assert (xl.k, xl.inner_steps, xl.threshold, xl.rank, xl.alpha, xl.learning_rate) == (2, 3, 0.4, 64, 64.0, 1e-5)
     assert (xl.train_batch_size, xl.gradient_accumulation) == (2, 2)
-    assert set(PRESETS) == {"spo-sd15", "spo-sdxl", "diffusion-dpo", "ncp-dpo", "ddpo"}
+    assert set(PRESETS) == {"spo-sd15", "spo-sdxl", "diffusion-dpo", "ncp-dpo", "ddpo", "spo-world", "diffusion-dpo-world",
+                            "ncp-dpo-world", "ddpo-world"}
     assert TrainConfig(method="dpo", pairs="x").resolved().beta == 2500.0
 
 

@@ -104,6 +104,12 @@ class DiffusersBackend:
         file), e.g. SDXL's fp16-fix VAE.
         """
         diffusers = require("diffusers", "the diffusers backend", "diffusers")
+        from ..model_names import is_world
+
+        if is_world(path) and vae is None:
+            from ..world import load_world_backend
+
+            return load_world_backend(device, dtype)
         p = check_exists(path, "model")
         extra = {}
         if p.is_dir():

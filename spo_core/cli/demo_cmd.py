@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_no_progress, alias
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="train and measure an SPO LoRA on the embedded tiny world (CPU, minutes)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the CI-sized run (under 3 min on 2 cores)")
-    p.add_argument("--out", default="spo_demo", help="output folder (default: spo_demo)")
+    p.add_argument("--output-dir", dest="output_dir", default="spo_demo", help="output folder (default: spo_demo)")
+    alias(p, "--out", dest="output_dir")
     p.add_argument("--method", default="spo", choices=["spo", "diffusion_dpo", "ncp_dpo", "ddpo"])
-    p.add_argument("--steps", type=int, help="training steps (default: 60; --quick: 32)")
+    p.add_argument("--max-steps", dest="max_steps", type=int, help="training steps (default: 60; --quick: 32)")
+    alias(p, "--steps", dest="max_steps", type=int)
     p.add_argument("--eval-prompts", type=int, help="held-out prompts evaluated, 2 seeds each (default: 48; --quick: 24)")
     p.add_argument("--k", type=int, default=4, help="resampler candidates per step in the evaluation (1: skip it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(p)
     p.set_defaults(handler=run)
 
 
@@ -36,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from ..progress import TqdmProgress
     from ..world.demo import DemoConfig, report_markdown, run_demo
 
-    kw = {"out": Path(args.out), "method": args.method, "resampler_k": args.k, "seed": args.seed, "threads": args.threads}
-    if args.steps is not None:
-        kw["train_steps"] = args.steps
+    kw = {"out": Path(args.output_dir), "method": args.method, "resampler_k": args.k, "seed": args.seed, "threads": args.threads}
+    if args.max_steps is not None:
+        kw["train_steps"] = args.max_steps
     if args.eval_prompts is not None:
         kw["eval_prompts"] = args.eval_prompts
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)

@@ -179,4 +179,6 @@ def _resize(args: argparse.Namespace) -> int:
 def _is_dir(path: str) -> bool:
     from pathlib import Path
 
-    return Path(path).expanduser().is_dir()
+    from ..model_names import resolve_model
+
+    return Path(resolve_model(path)).expanduser().is_dir()

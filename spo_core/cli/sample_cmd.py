@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_no_progress, add_scorer_weights, alias, default_world_scorer
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -12,13 +14,16 @@ def register(sub) -> None:
         "every step inside the window draws k candidates from the same x_t, scores their predicted x0 and keeps one "
         "(greedy: the best; softmax: Feynman-Kac-style; random: SPO's continuation). --best-of N is the baseline: N "
         "full samples, the best final image kept.")
-    p.add_argument("--model", required=True, help="diffusers folder or single-file SD1.5/SD2/SDXL checkpoint")
+    p.add_argument("--model", required=True, help="diffusers folder or single-file SD1.5/SD2/SDXL checkpoint; 'world': the "
+                   "embedded tiny model (its SPM is then the default scorer)")
     p.add_argument("--arch", help="architecture of a single-file checkpoint (sd15, sd2, sdxl); detected if omitted")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--negative-prompt", dest="negative_prompt", default=None, help="negative prompt")
+    alias(p, "--negative", dest="negative_prompt")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="merge a LoRA first (any format)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (SPO: 20, t = 951, 901, ..., 1)")
-    p.add_argument("--cfg", type=float, default=5.0, help="guidance scale (SPO uses 5)")
+    p.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=5.0, help="CFG scale (SPO uses 5)")
+    alias(p, "--cfg", dest="guidance_scale", type=float)
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta; > 0 so that candidates differ (SPO: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="images (one batch, same prompt)")
@@ -32,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--inner-steps", type=int, default=0, help="multi-step segments: j steps per candidate before scoring")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="baseline: best of N full samples instead")
     p.add_argument("--scorer", help="scorer name (see `spo scorer list`); needed with --k > 1 or --best-of")
-    p.add_argument("--weights", help="scorer weights (file or folder)")
+    add_scorer_weights(p)
     p.add_argument("--clip", help="aesthetic scorer: CLIP ViT-L/14 folder")
     p.add_argument("--decoder", default="vae",
                    help="how candidates are decoded for scoring: vae (full VAE), rgb (near-free linear approximation) "
@@ -42,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="spo_sample.png", help="output image (several images get _0, _1 ... suffixes)")
     p.add_argument("--trace", metavar="PNG", help="also write the candidate grid (what was chosen at each step)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress(p)
     p.set_defaults(handler=_sample)
 
 
@@ -85,6 +90,7 @@ def _sample(args: argparse.Namespace) -> int:
     from ..progress import TqdmProgress
     from ..sampling import ResamplerConfig
 
+    args.scorer, args.scorer_weights = default_world_scorer(args.model, args.scorer, args.scorer_weights)
     window = parse_window(args.window)
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
@@ -100,7 +106,7 @@ def _sample(args: argparse.Namespace) -> int:
 
         names = ", ".join(info.name for info in available_scorers())
         raise ConfigError(f"--k {args.k} / --best-of need a scorer to rank candidates: --scorer NAME (one of {names}) "
-                          "and --weights PATH where it needs weights; or --k 1 for plain sampling")
+                          "and --scorer-weights PATH where it needs weights; or --k 1 for plain sampling")
     for path in filter(None, [args.out, args.trace]):  # fail before minutes of sampling, not after
         if Path(path).exists() and not args.overwrite:
             raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
@@ -116,10 +122,10 @@ def _sample(args: argparse.Namespace) -> int:
         from ..scorers import load_scorer  # lazily: the scorers package is only needed here
 
         options = {"clip": args.clip} if args.clip else {}
-        scorer = load_scorer(args.scorer, args.weights, device=args.device, **options)
+        scorer = load_scorer(args.scorer, args.scorer_weights, device=args.device, **options)
     bar = TqdmProgress(disable=args.no_progress)
     try:
-        out = backend.sample([args.prompt] * args.num_images, args.negative, steps=args.steps, guidance_scale=args.cfg,
+        out = backend.sample([args.prompt] * args.num_images, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                              eta=args.eta, height=args.height, width=args.width, seed=args.seed, scorer=scorer,
                              decode=args.decoder, config=config, best_of=args.best_of if args.best_of > 1 else 0,
                              progress=bar)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_scorer_weights, default_world_scorer
+
 
 def register(sub) -> None:
     p = sub.add_parser("score", help="score images with a scorer (spm, pickscore, hpsv2, aesthetic, clip, jpeg_*)",
                        description="Score image files with one scorer; nothing is downloaded (see `spo scorer list`).")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, WebP ...)")
-    p.add_argument("--scorer", required=True, help="spm, pickscore, hpsv2, aesthetic, clip, jpeg_compressibility, "
+    p.add_argument("--scorer", help="spm, pickscore, hpsv2, aesthetic, clip, jpeg_compressibility, "
                                                    "jpeg_incompressibility")
-    p.add_argument("--weights", help="the scorer's weights file or folder (see `spo scorer list`)")
+    add_scorer_weights(p, "the scorer's weights file or folder (see `spo scorer list`); 'world': the world's SPM")
+    p.add_argument("--model", help="'world': score with the embedded world's SPM unless --scorer-weights is given")
     p.add_argument("--prompt", help="the prompt the images were made for (prompt-aware scorers)")
     p.add_argument("--timestep", type=float, default=0,
                    help="DDPM timestep 0..999 of the images for step-aware scorers (0 = final image; default 0)")
-    p.add_argument("--clip", help="aesthetic: the CLIP ViT-L/14 folder or file, if not in the --weights folder")
+    p.add_argument("--clip", help="aesthetic: the CLIP ViT-L/14 folder or file, if not in the --scorer-weights folder")
     p.add_argument("--model-name", help="open_clip architecture of a CLIP/HPS file (e.g. ViT-H-14)")
     p.add_argument("--scale", type=float, help="clip: the score is scale * max(cos, 0) (default 100)")
     p.add_argument("--tokenizer", help="a CLIP tokenizer folder (vocab.json + merges.txt) instead of the bundled one")
@@ -68,9 +71,14 @@ def _score(args: argparse.Namespace) -> int:
 
     from ..scorers import load_scorer
 
+    from ..errors import ConfigError
+
+    args.scorer, args.scorer_weights = default_world_scorer(args.model, args.scorer, args.scorer_weights)
+    if not args.scorer:
+        raise ConfigError("name the scorer: --scorer NAME (see `spo scorer list`), or --model world for the world's SPM")
     options = {k: v for k, v in (("clip", args.clip), ("model_name", args.model_name), ("scale", args.scale),
                                  ("tokenizer_path", args.tokenizer)) if v is not None}
-    scorer = load_scorer(args.scorer, args.weights, device=args.device, dtype=args.dtype, **options)
+    scorer = load_scorer(args.scorer, args.scorer_weights, device=args.device, dtype=args.dtype, **options)
     scores = score_files(scorer, args.images, args.prompt, args.timestep, args.batch_size)
     if args.json:
         print(json.dumps({"scorer": args.scorer, "prompt": args.prompt, "timestep": args.timestep,

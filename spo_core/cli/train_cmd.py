@@ -1,6 +1,6 @@
 """`spo train`: train a LoRA with SPO, Diffusion-DPO, NCP-DPO or DDPO on a local diffusers model.
 
-    spo train --model ./sd15 --preset sd15 --prompts prompts.txt --scorer spm --scorer-path spm.safetensors
+    spo train --model ./sd15 --preset sd15 --prompts prompts.txt --scorer spm --scorer-weights spm.safetensors
     spo train --config run.toml                    # every setting also a flag; flags override the file
     spo train --config run.toml --resume auto      # continue the run in output_dir
     accelerate launch --multi_gpu --num_processes 2 -m spo_core train --config run.toml
@@ -27,7 +27,8 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML or JSON file of settings (sections like [lora] are allowed)")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", dest="no_progress", action="store_true", help=argparse.SUPPRESS)
     add_arguments(p)
     p.set_defaults(handler=run)
 
@@ -61,6 +62,27 @@ def _dtype(name: str, device):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def with_world_defaults(cfg, args: argparse.Namespace):
+    """`--model world` with no preset: the world's own settings, scorer, weights and prompts (flags still win)."""
+    import dataclasses
+
+    from ..model_names import is_world
+    from ..training.config import TrainConfig, apply_preset, auto_preset, from_args
+
+    if not is_world(cfg.model) or cfg.preset:
+        return cfg
+    name = auto_preset(cfg.method, None, world=True)
+    world = from_args(args, apply_preset(TrainConfig(), name), preset=False)
+    if args.config:  # the file's settings stay over the preset
+        world = TrainConfig.from_file(args.config, world)
+        world = from_args(args, world, preset=False)
+    if not world.prompts and not world.prompt_list and world.method in ("spo", "ddpo"):
+        world = dataclasses.replace(world, prompts="world")
+    if world.method in ("spo", "ddpo") and world.scorer == "spm" and not world.scorer_weights:
+        world = dataclasses.replace(world, scorer_weights="world")
+    return world
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -70,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     base = apply_preset(TrainConfig(), args.preset) if args.preset else TrainConfig()  # preset < file < flags
     cfg = TrainConfig.from_file(args.config, base) if args.config else base
     cfg = from_args(args, cfg, preset=False)
+    cfg = with_world_defaults(cfg, args)
     if args.print_config:
         sys.stdout.write(cfg.resolved(require_data=False).to_toml())
         return 0
@@ -92,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"spo train: process {rank + 1} of {world} on {device} ({resolved.method}, {resolved.max_steps} steps, "
           f"output {resolved.output_dir})", file=sys.stderr)
     backend = DiffusersBackend.from_pretrained(resolved.model, arch=resolved.arch, device=device, dtype=dtype, vae=resolved.vae,
-                                               loading_bars=not args.quiet and rank == 0)
+                                               loading_bars=not args.no_progress and rank == 0)
     model_path = Path(resolved.model)
     model_hash = sha256_file(model_path) if model_path.is_file() else None
     host = DiffusersTrainingHost(backend, model_name=model_path.name, model_hash=model_hash)
@@ -100,9 +123,9 @@ def run(args: argparse.Namespace) -> int:
     if resolved.method in ("spo", "ddpo"):
         from ..scorers import load_scorer
 
-        scorer = load_scorer(resolved.scorer, resolved.scorer_path, device=device,
+        scorer = load_scorer(resolved.scorer, resolved.scorer_weights, device=device,
                              dtype=torch.float16 if device.type == "cuda" else torch.float32, **resolved.scorer_options)
-    progress = TqdmProgress(disable=args.quiet or rank != 0, leave=False)
+    progress = TqdmProgress(disable=args.no_progress or rank != 0, leave=False)
     stop = {"asked": False}
 
     def on_sigint(signum, frame):

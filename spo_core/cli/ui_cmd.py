@@ -8,7 +8,8 @@ import argparse
 def register(sub) -> None:
     p = sub.add_parser("ui", help="serve the SPO app in the browser (127.0.0.1 by default)",
                        description="The same tabs as the WebUI extension, standalone on diffusers models.")
-    p.add_argument("--model", help="diffusers model folder (or SD1.5/SDXL .safetensors) for sampling and training")
+    p.add_argument("--model", help="diffusers model folder (or SD1.5/SDXL .safetensors) for sampling and training; "
+                   "'world': the embedded tiny model")
     p.add_argument("--output-dir", default="spo-outputs", help="where LoRAs and merged models are written (default: %(default)s)")
     p.add_argument("--listen", nargs="?", const="0.0.0.0", default="127.0.0.1", metavar="ADDRESS",
                    help="listen on this address instead of 127.0.0.1 (bare --listen: all interfaces)")
@@ -18,9 +19,28 @@ def register(sub) -> None:
     p.set_defaults(handler=_ui)
 
 
+def _check_port(listen: str, port: int) -> None:
+    import socket
+
+    from ..errors import ConfigError
+
+    with socket.socket() as s:
+        try:
+            s.bind((listen, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {listen}:{port} ({exc.strerror or exc}): another program uses that port; "
+                              "pick another with --port, or leave --port out for the next free one") from None
+
+
 def _ui(args: argparse.Namespace) -> int:
     from ..errors import require
+    from ..model_names import is_world
+    from ..safe_io import check_exists
 
+    if args.model and not is_world(args.model):
+        check_exists(args.model, "model")
+    if args.port is not None:
+        _check_port(args.listen, args.port)
     require("gradio", "spo ui", "ui")
     from ..ui import StandaloneHost, launch
 

@@ -120,7 +120,9 @@ class CheckpointReader:
     """Weights of a full SD model by canonical (component, module) name; see the module docstring."""
 
     def __init__(self, path: str | os.PathLike, arch: str | ModuleTable | None = None):
-        self.path = check_exists(path, "checkpoint")
+        from ..model_names import resolve_model
+
+        self.path = check_exists(resolve_model(path), "checkpoint")
         self.files = _Files()
         self.locations: dict[tuple[str, str], Location] = {}
         self.biases: dict[tuple[str, str], Location] = {}

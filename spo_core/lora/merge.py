@@ -68,8 +68,10 @@ def _apply(tensor: torch.Tensor, changes: list) -> torch.Tensor:
 
 def merged_output_path(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Where a merge is written: a single file always as safetensors (OUT.ckpt -> OUT.safetensors)."""
+    from ..model_names import resolve_model
+
     output = Path(output).expanduser()
-    if Path(checkpoint).is_dir() or output.suffix.lower() in SAFETENSORS_SUFFIXES:
+    if Path(resolve_model(checkpoint)).is_dir() or output.suffix.lower() in SAFETENSORS_SUFFIXES:
         return output
     return output.with_suffix(".safetensors")
 
@@ -95,7 +97,9 @@ def merge_into_checkpoint(
     """
     if not math.isfinite(strength):
         raise ConfigError(f"strength must be a finite number, got {strength}")
-    source = check_exists(checkpoint, "checkpoint")
+    from ..model_names import resolve_model
+
+    source = check_exists(resolve_model(checkpoint), "checkpoint")
     output = merged_output_path(source, output)
     check_output_path(output, [source, *inputs], folder=source.is_dir())
     if output.exists() and not overwrite:

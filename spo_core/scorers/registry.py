@@ -87,6 +87,9 @@ def load_scorer(name: str, path: str | os.PathLike | None = None, device: str | 
         raise ConfigError(f"scorer {name!r} takes no option {', '.join(sorted(unknown))}; "
                           f"its options: {', '.join(sorted(OPTIONS[name])) or 'none'}")
     dtype = resolve_dtype(dtype)
+    from ..model_names import resolve_scorer_weights
+
+    path = resolve_scorer_weights(name, path)
     if info.needs_weights and not path:
         raise WeightsNotFoundError(f"scorer {name!r} needs weights: {info.weights_hint}")
     if not cache:

@@ -68,7 +68,7 @@ class TrainConfig:
     max_train_t: float = _f(751.0, "SPO: train transitions whose parent timestep is <= this (SPO: 751)", "sampling")
     min_train_t: float = _f(0.0, "SPO: ... and >= this", "sampling")
     scorer: str = _f("spm", "scorer name (spm, pickscore, hpsv2, aesthetic, clip, jpeg_compressibility, ...)", "sampling")
-    scorer_path: str | None = _f(None, "scorer weights file or folder", "sampling")
+    scorer_weights: str | None = _f(None, "scorer weights file or folder ('world': the embedded world's SPM)", "sampling")
     scorer_options: dict = _f({}, "extra scorer options (TOML table / JSON object)", "sampling")
     # -- objective ----------------------------------------------------------------------------
     beta: float | None = _f(None, "DPO beta (default: SPO 10, Diffusion-DPO and NCP 2500)", "objective")
@@ -251,6 +251,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ddpo": dict(method="ddpo", steps=50, eta=1.0, guidance_scale=5.0, rank=4, alpha=4.0, init="kaiming",
                  learning_rate=3e-4, weight_decay=1e-4, max_grad_norm=1.0, ddpo_clip_range=1e-4, ddpo_adv_clip=5.0,
                  ddpo_buffer_size=32, ddpo_min_count=16, scorer="jpeg_compressibility"),
+    # the embedded world (spo_core.world): measured there (README); its own scorer, weights and prompts.
+    # SPO: rounds of 32 prompts, a threshold that a tiny SPM's score gaps pass, beta 100 (SPO's 10 never
+    # anchors a tiny model at a learning rate that learns in minutes; 1000 learns a third as fast).
+    "spo-world": dict(method="spo", learning_rate=3e-3, rank=8, k=4, sample_batch_size=32, train_batch_size=64,
+                      threshold=0.1, beta=100.0, scorer="spm", scorer_weights="world", validation_prompts=["a red circle"]),
+    "diffusion-dpo-world": dict(method="diffusion_dpo", learning_rate=1e-3, rank=8, train_batch_size=16),
+    "ncp-dpo-world": dict(method="ncp_dpo", learning_rate=1e-3, rank=8, train_batch_size=16),
+    "ddpo-world": dict(method="ddpo", learning_rate=3e-3, rank=8, sample_batch_size=32, train_batch_size=32),
 }
 PRESET_ALIASES = {"sd15": "spo-sd15", "sd1.5": "spo-sd15", "spo": "spo-sd15", "sdxl": "spo-sdxl", "mspo": "spo-sdxl",
                   "dpo": "diffusion-dpo", "diffusion_dpo": "diffusion-dpo", "ncp": "ncp-dpo", "ncp_dpo": "ncp-dpo"}
@@ -258,6 +266,17 @@ PRESET_ALIASES = {"sd15": "spo-sd15", "sd1.5": "spo-sd15", "spo": "spo-sd15", "s
 
 def preset_names() -> list[str]:
     return list(PRESETS)
+
+
+def auto_preset(method: str, arch: str | None, world: bool = False) -> str | None:
+    """The preset `auto` means for a method on a model: the world's own settings on the world,
+    SPO's SD1.5 / SDXL configs for SPO, the method's published settings for the others."""
+    method = METHOD_ALIASES.get(method, method)
+    if world:
+        return f"{method.replace('_', '-')}-world"
+    if method == "spo":
+        return "spo-sdxl" if arch and "xl" in arch else "spo-sd15"
+    return {"ddpo": "ddpo", "diffusion_dpo": "diffusion-dpo", "ncp_dpo": "ncp-dpo"}.get(method)
 
 
 def apply_preset(cfg: TrainConfig, name: str) -> TrainConfig:
@@ -286,7 +305,13 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
 RESUME_ADJUSTABLE = {"learning_rate", "lr_warmup_steps", "max_grad_norm", "mixed_precision"}
 RESUME_SAFE = RESUME_ADJUSTABLE | {"device", "model_dtype", "model", "vae", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_prompts",
                "validation_seeds", "log_every", "resume", "overwrite", "output_name", "lora_format", "save_dtype",
-               "output_dir", "scorer_path", "prompts", "pairs", "preset"}
+               "output_dir", "scorer_weights", "prompts", "pairs", "preset"}
+
+
+# earlier or other verbs' names of a setting: accepted in config files and as hidden flags
+FIELD_ALIASES = {"scorer_path": "scorer_weights"}
+HIDDEN_FLAGS = {"scorer_weights": ["--scorer-path", "--weights"], "negative_prompt": ["--negative"],
+                "guidance_scale": ["--cfg"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,6 +332,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, default=None, metavar="JSON", help=help_text + " (JSON)")
         else:
             group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text)
+        for alias in HIDDEN_FLAGS.get(f.name, []):
+            group.add_argument(alias, dest=f.name, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def from_args(args: argparse.Namespace, base: TrainConfig | None = None, preset: bool = True) -> TrainConfig:
@@ -378,6 +405,7 @@ def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in data.items():
         key = k.replace("-", "_")
+        key = FIELD_ALIASES.get(key, key)
         if isinstance(v, Mapping) and key not in table_settings:
             out.update(_flatten(v))
         else:

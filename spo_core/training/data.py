@@ -47,7 +47,14 @@ def _prompt_of(item, where: str) -> str:
 
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a .txt, .json or .jsonl file (blank lines and empty prompts are skipped)."""
+    """Prompts from a .txt, .json or .jsonl file (blank lines and empty prompts are skipped);
+    `world`: the embedded world's training prompts."""
+    from ..model_names import is_world
+
+    if is_world(path):
+        from ..world import train_prompts
+
+        return list(train_prompts())
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileMissingError(f"prompt file not found: {p}")

@@ -35,7 +35,7 @@ class TrainForm:
     prompts_file: str | None = None
     pairs: str = ""
     scorer: str = "spm"
-    scorer_path: str | None = None
+    scorer_weights: str | None = None
     max_steps: int = 100
     learning_rate: float = 0.0  # 0: the preset's
     rank: int = 0  # 0: the preset's
@@ -106,7 +106,7 @@ def build_config(form: TrainForm, arch: str | None, output_dir: Path, host_dtype
         else:
             raise ConfigError("the prompt list is empty: type prompts (one per line) or upload a prompt file")
         cfg.scorer = form.scorer
-        cfg.scorer_path = form.scorer_path
+        cfg.scorer_weights = form.scorer_weights
     else:
         if not (form.pairs or "").strip():
             raise ConfigError(f"{method} trains on preference pairs: give the folder or JSONL/CSV file of pairs")
@@ -140,7 +140,7 @@ def run_training(host: UIHost, form: TrainForm, job: Job | None = None) -> dict[
     if cfg.method in ("spo", "ddpo"):
         if progress:
             progress(ProgressEvent("setup", 0, cfg.max_steps, f"loading the {cfg.scorer} scorer"))
-        scorer = load_scorer_for(host, cfg.scorer, cfg.scorer_path)
+        scorer = load_scorer_for(host, cfg.scorer, cfg.scorer_weights)
     stopped = None
     try:
         result = train(cfg, thost, scorer, progress=progress, cancel=cancel)
@@ -260,7 +260,7 @@ def build_train_tab(host: UIHost) -> None:
 
                     info = SCORERS.get(form.scorer)
                     if info is not None and info.needs_weights:
-                        form.scorer_path = str(host.resolve_input("scorer", weights_, f"weights for the {form.scorer} scorer"))
+                        form.scorer_weights = str(host.resolve_input("scorer", weights_, f"weights for the {form.scorer} scorer"))
                 return lambda job: run_training(host, form, job)
 
             yield from run_job_handler(host, "train", "Training", prepare, lambda s: render_train(s, method_), 4,

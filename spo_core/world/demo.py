@@ -27,6 +27,7 @@ import torch
 
 from ..errors import ConfigError, FileMissingError
 from ..progress import ProgressFn
+from ..training.config import PRESETS, auto_preset
 from .dataset import heldout_eval_set, train_prompts
 from .evaluate import GTStats, gt_stats
 from .preference import ground_truth
@@ -67,17 +68,12 @@ class DemoConfig:
 
 
 # training settings for the tiny world, by method (the SD presets are for 512px models)
+# each method's settings on the world: its `<method>-world` preset (spo_core.training.config), less what
+# the demo sets itself (the scorer is passed in, the prompts are the demo's own sample)
 WORLD_TRAIN_SETTINGS = {
-    # SPO here: big batches of stepwise pairs (the tiny UNet makes them cheap), a threshold low enough
-    # that a 32-prompt round yields a few hundred pairs, and beta = 100 instead of SPO's 10: SPO's loss
-    # averages log-densities per element, and at a learning rate that learns in minutes beta = 10 never
-    # saturates the sigmoid at the log-ratios a tiny model reaches, so nothing anchors the policy (with
-    # the exact ground truth as step scorer it collapses the model after ~20 steps); beta = 1000 anchors
-    # so hard that it learns a third as fast (measured, README).
-    "spo": dict(learning_rate=3e-3, rank=8, k=4, sample_batch_size=32, train_batch_size=64, threshold=0.1, beta=100.0),
-    "diffusion_dpo": dict(learning_rate=1e-3, rank=8, train_batch_size=16),
-    "ncp_dpo": dict(learning_rate=1e-3, rank=8, train_batch_size=16),
-    "ddpo": dict(learning_rate=3e-3, rank=8, sample_batch_size=32, train_batch_size=32),  # SPO's rounds of 32 prompts
+    method: {k: v for k, v in PRESETS[auto_preset(method, None, world=True)].items()
+             if k not in ("method", "scorer", "scorer_weights", "validation_prompts")}
+    for method in ("spo", "diffusion_dpo", "ncp_dpo", "ddpo")
 }
 
 

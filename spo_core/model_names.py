@@ -1,0 +1,38 @@
+"""`world`: the one model name the pack resolves itself, to the embedded tiny world's files.
+
+Every place that takes a model, scorer weights or prompts accepts `world` (unless a file or
+folder of that name exists): `--model world` is the shipped base model, `--scorer-weights world`
+its step-aware preference model, `--prompts world` its training prompts. Kept free of heavy
+imports, so the LoRA engine can use it inside the WebUI's environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+WORLD = "world"
+WORLD_WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
+WORLD_MODEL = WORLD_WEIGHTS / "base"
+WORLD_SPM = WORLD_WEIGHTS / "spm.safetensors"
+
+
+def is_world(spec: str | os.PathLike | None) -> bool:
+    """True when `spec` names the embedded world (and no file or folder of that name is meant)."""
+    return spec is not None and str(spec).strip().lower() == WORLD and not Path(str(spec)).exists()
+
+
+def resolve_model(spec: str | os.PathLike) -> str | os.PathLike:
+    """The world's base model folder for `world`, anything else unchanged."""
+    return str(WORLD_MODEL) if is_world(spec) else spec
+
+
+def resolve_scorer_weights(scorer: str, spec: str | os.PathLike | None) -> str | os.PathLike | None:
+    """The world's SPM for `spm` + `world`, anything else unchanged."""
+    if is_world(spec):
+        if scorer != "spm":
+            from .errors import ConfigError
+
+            raise ConfigError(f"'world' weights exist for the spm scorer only, not for {scorer!r}")
+        return str(WORLD_SPM)
+    return spec
