@@ -58,7 +58,11 @@ class MissingDependencyError(SPOError, ImportError):
 
 
 class Cancelled(SPOError):
-    """A long operation was stopped by its cancel check; partial results were saved."""
+    """A long operation was stopped by its cancel check; partial results were saved.
+
+    `steps`: for training, the step the saved state is at (0: nothing was trained or saved)."""
+
+    steps: int | None = None
 
 
 class TrainingDiverged(SPOError):

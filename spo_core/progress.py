@@ -34,6 +34,9 @@ class ProgressEvent:
 
 
 ProgressFn = Callable[[ProgressEvent], None]
+
+# the stage of an event that carries advice for the user (its message), not progress
+WARNING = "warning"
 CancelFn = Callable[[], bool]
 
 
@@ -79,6 +82,8 @@ class TqdmProgress:
     def __call__(self, event: ProgressEvent) -> None:
         from tqdm.auto import tqdm
 
+        if event.stage == WARNING:
+            return  # warnings reach the console through logging
         bar = self.bars.get(event.stage)
         if bar is None and event.stage in self.finished and event.step >= event.total:
             return  # a late "done" report of a stage whose bar already finished: no second, instant bar

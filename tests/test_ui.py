@@ -67,7 +67,8 @@ def test_job_stop_and_errors_become_messages():
 
     oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "Out of GPU memory during training" in describe_error(oom, "training")
-    assert describe_error(Cancelled("x"), "Merge") == "Merge was stopped."
+    assert describe_error(Cancelled("merge was cancelled"), "Merge") == "Merge was stopped."
+    assert describe_error(Cancelled("nothing was trained yet"), "Training") == "Training was stopped: nothing was trained yet"
     assert "KeyError" in describe_error(KeyError("k"), "Score")
 
 
@@ -218,29 +219,31 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-def test_sample_k1_is_plain_ancestral_sampling(tmp_path, tiny_folder):
+def test_the_app_draws_the_same_image_as_the_cli(tmp_path, tiny_folder):
     pytest.importorskip("spo_core.scorers")
-    from spo_core.sampling import sample_ancestral
+    import numpy as np
+
+    from spo_core.cli import main
     from spo_core.ui.tab_sample import SampleSettings, run_sampling
 
     host = StandaloneHost(tmp_path, model=str(tiny_folder))
     be = host.backend()
-    settings = SampleSettings("a red cube", steps=5, cfg=4.0, seed=3, schedule="SPO DDIM", k=1)
-    out = run_sampling(be, settings, None)
-    sig = be.schedule.spo_sigmas(5)
-    ref = sample_ancestral(be.denoiser(4.0), be.encode_prompts(["a red cube"]), be.initial_noise(1, sigma=float(sig[0]), seed=3),
-                           sig, eta=1.0, seed=3)
-    from spo_core.sampling import sigma_space_to_vp
+    for k, extra in ((1, []), (3, ["--scorer", "jpeg_compressibility", "--window", "0:999"])):
+        settings = SampleSettings("a red cube", steps=5, cfg=4.0, seed=3, schedule="SPO DDIM", k=k, window_hi=999)
+        from spo_core.scorers import load_scorer
 
-    ref_img = (be.decode(sigma_space_to_vp(ref.x, float(sig[-1])))[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    assert (abs(ref_img.astype(int) - __import__("numpy").asarray(out["image"]).astype(int)) <= 1).all()
-    assert out["grid"] is None and "5 steps" in out["summary"]
-
-    from spo_core.scorers import load_scorer
-
+        out = run_sampling(be, settings, load_scorer("jpeg_compressibility") if k > 1 else None)
+        png = tmp_path / f"cli_{k}.png"
+        assert main(["sample", "--model", str(tiny_folder), "--prompt", "a red cube", "--steps", "5", "--guidance-scale", "4",
+                     "--seed", "3", "--k", str(k), *extra, "--out", str(png), "--no-progress"]) == 0
+        cli = np.asarray(Image.open(png)).astype(int)
+        app = (out["pixels"].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(cli - app).max() == 0, k
+        assert min(out["image"].size) >= 256  # a 32 px image is shown enlarged, not as a speck
+    assert "5 steps" in out["summary"] and out["grid"] is not None and "3 candidates" in out["summary"]
     pooled = run_sampling(be, SampleSettings("a red cube", steps=5, seed=3, schedule="Karras", k=3, window_hi=999),
                           load_scorer("jpeg_compressibility"))
-    assert pooled["grid"] is not None and "3 candidates" in pooled["summary"]
+    assert pooled["grid"] is not None
     with pytest.raises(ConfigError, match="prompt is empty"):
         run_sampling(be, SampleSettings("  "), None)
 
@@ -296,7 +299,8 @@ def test_train_stop_saves_what_it_has(tmp_path, tiny_folder):
 
     job.progress = progress
     state = job.start().wait(120)
-    assert state.status == "done", state.error
+    assert state.status == "stopped", state.error  # not "done 50/50"
+    assert f"{state.step}/50" in progress_html(state) and "stopped" in progress_html(state)
     r = state.result
     assert r["stopped"] and "cancelled at step" in r["stopped"]
     assert Path(r["lora"]).is_file() and not list(tmp_path.glob("*.partial"))
@@ -315,3 +319,97 @@ def test_cli_progress_bar_counts_time_from_the_stage_start():
     fmt = bars.bars["sampling"].format_dict
     assert fmt["elapsed"] >= 4.0 and 32 / fmt["elapsed"] < 9
     bars.close()
+
+
+# -- hardening from real use (issue 15) ------------------------------------------------------------
+
+def test_stop_before_the_first_step_publishes_nothing(tmp_path, tiny_folder):
+    pytest.importorskip("spo_core.scorers")
+    from spo_core.ui.tab_train import run_training
+
+    host = StandaloneHost(tmp_path, model=str(tiny_folder))
+
+    def work(job):
+        return run_training(host, _form(max_steps=5, output_name="early"), job)
+
+    job = Job("Training", work)
+    orig = job.progress
+
+    def progress(event):
+        orig(event)
+        if event.stage == "sampling":
+            job.stop()  # inside the first sampling round: no optimizer step yet
+
+    job.progress = progress
+    state = job.start().wait(120)
+    assert state.status == "stopped" and "nothing was trained" in state.error
+    assert not list(host.folders("lora")[0].glob("early*")), "an untrained LoRA was published"
+
+
+def test_the_bar_counts_training_steps_not_sampling_substeps():
+    def work(job):
+        for step in range(1, 4):
+            for sub in range(1, 21):
+                job.progress(ProgressEvent("sampling", sub, 20, "sampling candidate pools"))
+            job.progress(ProgressEvent("training", step, 3, f"spo step {step}/3", {"loss": 0.5}))
+            if step == 1:
+                job.progress(ProgressEvent("warning", step, 3, "no candidate pair passed the threshold"))
+        return "ok"
+
+    seen = []
+    job = Job("Training", work, main_stage="training", total=3)
+    orig = job.progress
+
+    def spy(event):
+        orig(event)
+        seen.append((job.state.step, job.state.total))
+
+    job.progress = spy
+    state = job.start().wait(10)
+    assert all(total == 3 for _, total in seen) and max(step for step, _ in seen) == 3
+    assert [s for s, _ in seen] == sorted(s for s, _ in seen)  # never jumps back to a sampling sub-step
+    assert "no candidate pair passed" in progress_html(state)
+
+
+def test_a_running_status_carries_a_notice_for_a_dead_server():
+    from spo_core.ui.jobs import JobState
+
+    running = progress_html(JobState("Training", status="running", step=1, total=5))
+    assert "spo-stale" in running and "may have stopped" in running and "animation" in running
+    assert "spo-stale" not in progress_html(JobState("Training", status="done", step=5, total=5))
+
+
+def test_the_form_exposes_threshold_and_beta_and_auto_picks_the_world_preset(tmp_path):
+    from spo_core.ui.tab_train import TrainForm, build_config
+
+    form = TrainForm(method="spo", prompts_text="a red circle", threshold=0.05, beta=50)
+    cfg = build_config(form, "custom-sd1", tmp_path, world=True)
+    assert (cfg.threshold, cfg.beta, cfg.preset, cfg.learning_rate) == (0.05, 50.0, "spo-world", 3e-3)
+    keep = build_config(TrainForm(method="spo", prompts_text="a"), "sd15", tmp_path)
+    assert (keep.threshold, keep.beta, keep.preset) == (0.3, 10.0, "spo-sd15")
+    assert build_config(TrainForm(method="spo", prompts_text="a"), "sdxl", tmp_path).preset == "spo-sdxl"
+
+
+def test_no_pairs_are_reported_within_two_rounds_with_what_to_change(tmp_path, tiny_folder):
+    pytest.importorskip("spo_core.scorers")
+    from spo_core.ui.tab_train import run_training
+
+    host = StandaloneHost(tmp_path, model=str(tiny_folder))
+    warnings = []
+
+    def work(job):
+        return run_training(host, _form(max_steps=1, output_name="nopairs", extra={"threshold": 0.999}), job)
+
+    job = Job("Training", work, main_stage="training", total=1)
+    orig = job.progress
+
+    def progress(event):
+        orig(event)
+        if event.stage == "warning":
+            warnings.append(event.message)
+            job.stop()
+
+    job.progress = progress
+    state = job.start().wait(120)
+    assert len(warnings) == 1 and "in 2 sampling rounds" in warnings[0] and "Lower the threshold to about" in warnings[0]
+    assert "Lower the threshold" in progress_html(state)

@@ -60,6 +60,7 @@ class ResamplerConfig:
     score_every: int = 1  # draw a pool at every n-th step inside the window
     inner_steps: int = 0  # SDXL multi-step SPO: j steps per candidate before scoring
     threshold: float = 0.3  # pairs: keep a pair when p_win - p_lose > threshold (0.3 SD1.5, 0.4 SDXL)
+    score_scale: float = 1.0  # pairs: scores are multiplied by this before the 2-way softmax (the scorer's pair_scale)
     final_decode: bool = True  # last step ending at sigma > 0: score the candidates themselves at t=0 (SPO)
     keep_images: bool = False  # keep the candidates' decoded x0 in the trace (for the grid)
     image_size: int = 96  # thumbnail size kept per candidate
@@ -341,6 +342,12 @@ def _scores(scorer, images: torch.Tensor, prompts: list[str] | None, timesteps: 
     return out.reshape(k, b)
 
 
+def pair_gap(score_win: float, score_lose: float, scale: float = 1.0) -> float:
+    """SPO's pair criterion: p_win - p_lose of the 2-way softmax of the (scaled) scores."""
+    p = torch.softmax(torch.tensor([score_win * scale, score_lose * scale], dtype=torch.float64), 0)
+    return float(p[0] - p[1])
+
+
 def _pairs(chain, scores: torch.Tensor, cfg: ResamplerConfig, k: int, b: int, schedule: NoiseSchedule) -> list[TransitionPair]:
     """Best and worst candidates of each prompt as pairs of transitions, if their softmax gap passes the threshold."""
     out = []
@@ -350,8 +357,7 @@ def _pairs(chain, scores: torch.Tensor, cfg: ResamplerConfig, k: int, b: int, sc
         if w == l_:
             continue
         sw, sl = float(scores[w, r]), float(scores[l_, r])
-        p = torch.softmax(torch.tensor([sw, sl], dtype=torch.float64), 0)
-        if float(p[0] - p[1]) <= cfg.threshold:
+        if pair_gap(sw, sl, cfg.score_scale) <= cfg.threshold:
             continue
         for parents, children, s, s_next, up in chain:
             if up <= 0:

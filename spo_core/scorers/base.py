@@ -34,6 +34,9 @@ class Scorer(ABC):
     step_aware: bool = False
     differentiable: bool = False
     needs_prompt: bool = True
+    # SPO's pair threshold (0.3 / 0.4) is set on the 2-way softmax of PickScore-scale scores
+    # (100 * cosine): a scorer on another scale multiplies its scores by this before that softmax
+    pair_scale: float = 1.0
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)

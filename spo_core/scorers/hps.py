@@ -37,6 +37,7 @@ def find_hps_file(path: str | os.PathLike) -> Path:
 
 class HPSv2Scorer(Scorer):
     name = "hpsv2"
+    pair_scale = 100.0  # a raw cosine; PickScore's scale is exp(logit_scale) = 100
     differentiable = True
     needs_prompt = True
 

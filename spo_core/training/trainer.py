@@ -144,6 +144,13 @@ class Trainer:
         if self.rank == 0:
             self.log.write({"event": event, "step": self.step, **values})
 
+    def warn(self, message: str) -> None:
+        """Something the user should change now (not an error yet): the log, the console and the UI's status."""
+        log.warning(message)
+        self.log_event("warning", message=message)
+        if self.progress is not None and self.rank == 0:
+            self.progress(ProgressEvent("warning", self.step, self.cfg.max_steps, message))
+
     def sampling_progress(self, step: int, total: int, message: str) -> None:
         if self.progress is not None and self.rank == 0:
             self.progress(ProgressEvent("sampling", step, total, message))
@@ -480,10 +487,16 @@ class Trainer:
                     self._after_step(metrics, reporter)
                 return self._finish(last)
             except Cancelled as exc:
+                if self.step == 0:  # nothing was trained: an all-zero LoRA must not appear anywhere
+                    err = Cancelled("nothing was trained yet, so nothing was saved")
+                    err.steps = 0
+                    raise err from exc
                 self._save_partial()
-                raise Cancelled(f"training cancelled at step {self.step} of {cfg.max_steps}; the checkpoint "
+                err = Cancelled(f"training cancelled at step {self.step} of {cfg.max_steps}; the checkpoint "
                                 f"{self.last_checkpoint} and the LoRA {self._main_output()} hold that state "
-                                f"(resume with resume=auto)") from exc
+                                f"(resume with resume=auto)")
+                err.steps = self.step
+                raise err from exc
             finally:
                 self.close()
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..errors import Cancelled, SPOError
-from ..progress import ProgressEvent
+from ..progress import WARNING, ProgressEvent
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def describe_error(exc: BaseException, action: str = "the action") -> str:
     """A message for the page: SPOErrors as they are, OOM with what to do, others with their type."""
     if isinstance(exc, Cancelled):
-        return f"{action} was stopped."
+        detail = str(exc)
+        return f"{action} was stopped" + (f": {detail}" if detail and not detail.endswith("was cancelled") else ".")
     if is_out_of_memory(exc):
         return (f"Out of GPU memory during {action}. Free memory (close other generations, unload models), "
                 "then lower the batch size, resolution, rank or number of candidates, or use fp16.")
@@ -59,6 +60,8 @@ class JobState:
     preview: Any = None
     result: Any = None
     error: str | None = None
+    warning: str = ""  # advice the work sent (e.g. no SPO pairs pass the threshold): shown until it ends
+    main_stage: str | None = None  # when set, only this stage moves the bar; the others show as the message
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
 
@@ -81,8 +84,9 @@ class Job:
     a CancelFn; its return value becomes `state.result`."""
 
     def __init__(self, title: str, work: WorkFn, runner: Callable[[Callable[[], None]], None] | None = None,
-                 extra_cancel: Callable[[], bool] | None = None, on_progress: Callable[[ProgressEvent], None] | None = None):
-        self.state = JobState(title)
+                 extra_cancel: Callable[[], bool] | None = None, on_progress: Callable[[ProgressEvent], None] | None = None,
+                 main_stage: str | None = None, total: int = 0):
+        self.state = JobState(title, main_stage=main_stage, total=total)
         self._work = work
         self._runner = runner or (lambda fn: fn())
         self._extra_cancel = extra_cancel
@@ -95,7 +99,13 @@ class Job:
     def progress(self, event: ProgressEvent) -> None:
         with self._lock:
             s = self.state
-            s.stage, s.step, s.total, s.message = event.stage, event.step, event.total, event.message
+            if event.stage == WARNING:
+                s.warning = event.message
+            elif s.main_stage is None or event.stage == s.main_stage:
+                s.stage, s.step, s.total, s.message = event.stage, event.step, event.total, event.message
+            else:  # a sub-stage (sampling a round, loading): its count goes into the message, not the bar
+                s.stage = event.stage
+                s.message = f"{event.message} ({event.step}/{event.total})" if event.total else event.message
             if event.metrics:
                 s.history.append({"step": float(event.step), **event.metrics})
             if event.preview is not None:
@@ -120,7 +130,7 @@ class Job:
         try:
             self._runner(body)
             if self.state.status == "running":
-                self.state.status = "stopped" if self._stop.is_set() and self.state.result is None else "done"
+                self.state.status = "stopped" if self._stop.is_set() else "done"
         except Cancelled as exc:
             self.state.status = "stopped"
             self.state.error = describe_error(exc, self.state.title)
@@ -161,8 +171,17 @@ def run_job(job: Job, render: Callable[[JobState], Any], interval: float = 0.5) 
 
 # -- rendering helpers (plain HTML: every gradio version shows gr.HTML the same) -------------------
 
-def progress_html(state: JobState) -> str:
-    """A progress bar with the step count, the message and the elapsed time, or the error."""
+# shown by CSS alone when the page stops getting updates (a stopped or dead server): every update
+# re-renders the status, which restarts the hidden notice's delay
+_STALE = ("<style>@keyframes spo-stale{to{opacity:1;height:auto}}</style>"
+          "<div class='spo-stale' style='opacity:0;height:0;overflow:hidden;color:#b00020;"
+          "animation:spo-stale 0s linear {delay}s forwards'>No update from the server for {delay} s: it may have "
+          "stopped. Reload the page to see.</div>")
+
+
+def progress_html(state: JobState, stale_after: float = 20.0) -> str:
+    """A progress bar with the step count, the message and the elapsed time, or the error; a
+    warning the work sent; and, while running, a notice that appears if the updates stop."""
     title = html.escape(state.title)
     if state.status == "failed":
         return (f"<div class='spo-status spo-error' style='color:#b00020;border:1px solid #b00020;padding:8px;"
@@ -173,12 +192,15 @@ def progress_html(state: JobState) -> str:
     steps = (f"{state.total}/{state.total}" if state.status == "done" else f"{state.step}/{state.total}") if state.total else ""
     msg = html.escape(state.message or "")
     extra = f" - {html.escape(state.error)}" if state.status == "stopped" and state.error else ""
+    warning = (f"<div class='spo-warning' style='color:#9a5b00;border-left:3px solid #f59e0b;padding-left:6px'>"
+               f"{html.escape(state.warning)}</div>") if state.warning else ""
+    stale = _STALE.replace("{delay}", f"{stale_after:g}") if not state.done else ""
     return (
         f"<div class='spo-status spo-{state.status}' data-status='{state.status}'>"
         f"<div><b>{title}</b>: {label} {steps} ({state.elapsed:.1f} s){extra}</div>"
         f"<div style='background:#ddd;border-radius:4px;height:12px;margin:4px 0'>"
         f"<div class='spo-bar' style='width:{pct}%;background:#f97316;height:12px;border-radius:4px'></div></div>"
-        f"<div style='font-size:90%;opacity:.8'>{msg}</div></div>"
+        f"<div style='font-size:90%;opacity:.8'>{msg}</div>{warning}{stale}</div>"
     )
 
 

@@ -13,7 +13,7 @@ from ..progress import ProgressEvent
 from .host import StandaloneHost
 from .jobs import Job, progress_html
 from .tab_score import load_scorer_for, scorer_inputs
-from .widgets import g_update, gr, run_job_handler, status_box
+from .widgets import display_image, g_update, gr, run_job_handler, status_box
 
 
 @dataclass
@@ -34,18 +34,18 @@ class SampleSettings:
 
 
 def run_sampling(backend, settings: SampleSettings, scorer, progress=None, cancel=None) -> dict[str, Any]:
-    """Sample one image with the resampler; returns the image, the trace grid and a summary."""
-    from ..sampling import ResamplerConfig, resample, sigma_space_to_vp
+    """Sample one image with the resampler; returns the image, the trace grid and a summary.
+
+    The same call as `spo sample` (`backend.sample`): the same settings draw the same image here
+    and on the command line."""
+    from ..sampling import ResamplerConfig
     from ..sampling.trace import render_trace_grid
 
     if not settings.prompt.strip():
         raise ConfigError("the prompt is empty: type what the image should show")
     size = int(settings.size) or None
-    cond = backend.encode_prompts([settings.prompt], [settings.negative] if settings.negative else None, size, size)
-    sched = backend.schedule
     steps = int(settings.steps)
-    sigmas = sched.spo_sigmas(steps) if settings.schedule.startswith("SPO") else sched.karras_sigmas(steps)
-    x = backend.initial_noise(1, size, size, sigma=float(sigmas[0]), seed=int(settings.seed))
+    sigmas = None if settings.schedule.startswith("SPO") else backend.schedule.karras_sigmas(steps)
     cfg = ResamplerConfig(k=int(settings.k), policy=settings.policy, eta=float(settings.eta),
                           window=(float(settings.window_lo), float(settings.window_hi)), score_every=int(settings.score_every),
                           keep_images=int(settings.k) > 1)
@@ -54,16 +54,15 @@ def run_sampling(backend, settings: SampleSettings, scorer, progress=None, cance
         if progress is not None:
             progress(ProgressEvent("sample", info.i + 1, info.total, f"step {info.i + 1}/{info.total}"))
 
-    result = resample(backend.denoiser(float(settings.cfg)), cond, x.to(backend.device), sigmas.to(backend.device), sched,
-                      scorer, backend.decode, [settings.prompt], cfg, seed=int(settings.seed), callback=callback,
-                      cancel=cancel)
-    final = float(sigmas[-1])
-    images = backend.decode(sigma_space_to_vp(result.x, final) if final > 0 else result.x)
-    image = _to_pil(images[0])
+    out = backend.sample([settings.prompt], settings.negative or None, steps=steps, guidance_scale=float(settings.cfg),
+                         eta=float(settings.eta), height=size, width=size, seed=int(settings.seed), sigmas=sigmas,
+                         scorer=scorer, config=cfg, callback=callback, cancel=cancel)
+    result = out.result
+    image = display_image(_to_pil(out.images[0]))
     grid = render_trace_grid(result, 0, title=settings.prompt[:60]) if cfg.keep_images and result.pooled_steps else None
     summary = (f"{result.steps} steps, {result.pooled_steps} with {cfg.k} candidates ({cfg.policy}), "
                f"{result.evaluations} denoiser evaluations ({result.evaluations_per_step:.2f} per step)")
-    return {"image": image, "grid": grid, "summary": summary}
+    return {"image": image, "grid": grid, "summary": summary, "pixels": out.images[0]}
 
 
 def _to_pil(image: torch.Tensor):

@@ -17,7 +17,7 @@ from ..progress import ProgressEvent
 from .host import LORA, UIHost, clean_output_name
 from .jobs import Job, JobState, progress_html
 from .tab_score import load_scorer_for, scorer_inputs
-from .widgets import g_update, gr, run_job_handler, status_box
+from .widgets import display_image, g_update, gr, run_job_handler, status_box
 
 METHODS = ["spo", "ddpo", "diffusion_dpo", "ncp_dpo"]
 PRESET_CHOICES = ["auto", "spo-sd15", "spo-sdxl", "ddpo", "diffusion-dpo", "ncp-dpo"]
@@ -44,6 +44,8 @@ class TrainForm:
     train_batch_size: int = 0
     size: int = 0  # 0: the model's
     steps: int = 20
+    threshold: float = -1.0  # SPO's pair threshold; < 0: the preset's
+    beta: float = 0.0  # 0: the preset's
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"
     checkpoint_every: int = 50
@@ -59,19 +61,20 @@ class TrainForm:
         return [line.strip() for line in (self.prompts_text or "").splitlines() if line.strip()]
 
 
-def build_config(form: TrainForm, arch: str | None, output_dir: Path, host_dtype_is_half: bool = False):
-    """A TrainConfig from the form: preset first (auto: by the model's architecture), then the
-    fields the user set (zeros keep the preset's value)."""
+def build_config(form: TrainForm, arch: str | None, output_dir: Path, host_dtype_is_half: bool = False,
+                 world: bool = False):
+    """A TrainConfig from the form: preset first (auto: by the model: the world's own settings on
+    the embedded world, SPO's SD1.5 or SDXL config otherwise), then the fields the user set
+    (zeros, or a negative threshold, keep the preset's value)."""
     from ..training import TrainConfig
-    from ..training.config import apply_preset
+    from ..training.config import apply_preset, auto_preset
 
     method = form.method
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset = form.preset
     if preset == "auto":
-        preset = {"spo": "spo-sdxl" if arch in ("sdxl", "custom-sdxl") else "spo-sd15", "ddpo": "ddpo", "diffusion_dpo": "diffusion-dpo",
-                  "ncp_dpo": "ncp-dpo"}[method]
+        preset = auto_preset(method, arch, world=world)
     cfg = apply_preset(TrainConfig(), preset) if preset not in ("", "none") else TrainConfig()
     cfg.method = method
     cfg.output_dir = str(output_dir)
@@ -95,6 +98,10 @@ def build_config(form: TrainForm, arch: str | None, output_dir: Path, host_dtype
             setattr(cfg, name, int(getattr(form, name)))
     if form.rank:
         cfg.alpha = float(form.rank)
+    if form.threshold is not None and form.threshold >= 0:
+        cfg.threshold = float(form.threshold)
+    if form.beta:
+        cfg.beta = float(form.beta)
     if form.size:
         cfg.height = cfg.width = int(form.size)
     if method in ("spo", "ddpo"):
@@ -105,8 +112,10 @@ def build_config(form: TrainForm, arch: str | None, output_dir: Path, host_dtype
             cfg.prompt_list = prompts
         else:
             raise ConfigError("the prompt list is empty: type prompts (one per line) or upload a prompt file")
+        if form.scorer != cfg.scorer:  # the preset's weights belong to its own scorer
+            cfg.scorer_weights = None
         cfg.scorer = form.scorer
-        cfg.scorer_weights = form.scorer_weights
+        cfg.scorer_weights = form.scorer_weights or cfg.scorer_weights
     else:
         if not (form.pairs or "").strip():
             raise ConfigError(f"{method} trains on preference pairs: give the folder or JSONL/CSV file of pairs")
@@ -131,8 +140,11 @@ def run_training(host: UIHost, form: TrainForm, job: Job | None = None) -> dict[
     thost = host.training_host(model=form.model)
     import torch
 
+    from ..model_names import is_world
+
     cfg = build_config(form, thost.arch, host.training_dir(form.output_name),
-                       host_dtype_is_half=thost.dtype == torch.float16 and thost.device.type == "cuda")
+                       host_dtype_is_half=thost.dtype == torch.float16 and thost.device.type == "cuda",
+                       world=is_world(form.model or getattr(host, "model_path", None)))
     final = host.output_path(LORA, cfg.output_name)
     if final.exists() and not (cfg.overwrite or form.resume):
         raise OutputExistsError(f"{final} exists: choose another output name, tick overwrite, or tick resume")
@@ -149,9 +161,9 @@ def run_training(host: UIHost, form: TrainForm, job: Job | None = None) -> dict[
     except Cancelled as exc:
         stopped = str(exc)
         trained = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
-        if not trained.exists():
-            raise Cancelled("training was stopped before its first step: nothing was saved") from exc
-        steps, history, curves, previews = None, None, None, []
+        if not exc.steps or not trained.exists():  # nothing trained: publish nothing (no all-zero LoRA)
+            raise Cancelled(f"nothing was trained yet, so nothing was saved or published to {final.parent}") from exc
+        steps, history, curves, previews = exc.steps, None, None, []
     finally:
         release = getattr(thost, "release", None)
         if release is not None:
@@ -172,9 +184,9 @@ def render_train(state: JobState, method: str):
         panels = [p for p in SHOWN_CURVES.get(method, [["loss"]]) if any(p[0] in h for h in state.history)]
         if panels:
             plot = curves_from_records(state.history, panels, title_prefix=f"{method}: ")
-    preview = state.preview if state.preview is not None else g_update()
+    preview = display_image(state.preview) if state.preview is not None else g_update()
     result = g_update()
-    if state.status == "done" and state.result:
+    if state.status in ("done", "stopped") and state.result:
         r = state.result
         lines = [f"LoRA: {r['lora']}", f"working files (checkpoints, log, curves): {r['work_dir']}"]
         if r["stopped"]:
@@ -184,8 +196,6 @@ def render_train(state: JobState, method: str):
         if r["note"]:
             lines.append(r["note"])
         result = "\n".join(lines)
-        if r["stopped"]:
-            status = status.replace(">done<", ">stopped, saved<")
     return status, plot, preview, result
 
 
@@ -200,7 +210,8 @@ def build_train_tab(host: UIHost) -> None:
                           value=getattr(host, "model_path", None) or "", visible=host.free_paths)
         with g.Row():
             method = g.Radio(METHODS, value="spo", label="method")
-            preset = g.Dropdown(PRESET_CHOICES, value="auto", label="preset (auto: by the model: SD1.5 or SDXL)")
+            preset = g.Dropdown(PRESET_CHOICES, value="auto",
+                                label="preset (auto: by the model: SD1.5, SDXL or the embedded world)")
         prompts = g.Textbox(label="prompts (one per line)", lines=5, placeholder="a photo of a cat\na watercolor of a lighthouse")
         prompt_file = g.File(label="or a prompt file (.txt one per line, .json, .jsonl)", file_count="single")
         pairs = g.Textbox(label="preference pairs (Diffusion-DPO / NCP-DPO): a folder, or a JSONL/CSV file", lines=1)
@@ -216,6 +227,9 @@ def build_train_tab(host: UIHost) -> None:
                 train_bs = g.Number(value=0, precision=0, label="training batch (0 = preset)")
                 size = g.Number(value=0, precision=0, label="image size (0 = model's)")
                 steps = g.Number(value=20, precision=0, label="sampling steps")
+            with g.Row():
+                threshold = g.Number(value=-1, label="SPO pair threshold (-1 = preset; lower it when no pairs pass)")
+                beta = g.Number(value=0, label="beta (0 = preset: SPO 10, DPO 2500)")
             with g.Row():
                 gc = g.Checkbox(label="gradient checkpointing (less memory)", value=False)
                 mp = g.Radio(["auto", "no", "fp16", "bf16"], value="auto", label="mixed precision")
@@ -236,8 +250,8 @@ def build_train_tab(host: UIHost) -> None:
         result = g.Textbox(label="result", lines=4, interactive=False)
 
         def train_clicked(model_, method_, preset_, prompts_, prompt_file_, pairs_, scorer_, weights_, max_steps_, lr_,
-                          rank_, k_, sample_bs_, train_bs_, size_, steps_, gc_, mp_, ckpt_every_, val_every_, seed_, name_,
-                          resume_, overwrite_):
+                          rank_, k_, sample_bs_, train_bs_, size_, steps_, threshold_, beta_, gc_, mp_, ckpt_every_,
+                          val_every_, seed_, name_, resume_, overwrite_):
             from .actions import image_paths
 
             def prepare():
@@ -246,7 +260,9 @@ def build_train_tab(host: UIHost) -> None:
                                  prompts_file=files[0] if files else None, pairs=pairs_ or "", scorer=scorer_,
                                  max_steps=int(max_steps_ or 0), learning_rate=float(lr_ or 0), rank=int(rank_ or 0),
                                  k=int(k_ or 0), sample_batch_size=int(sample_bs_ or 0), train_batch_size=int(train_bs_ or 0),
-                                 size=int(size_ or 0), steps=int(steps_ or 20), gradient_checkpointing=bool(gc_),
+                                 size=int(size_ or 0), steps=int(steps_ or 20),
+                                 threshold=-1.0 if threshold_ is None else float(threshold_), beta=float(beta_ or 0),
+                                 gradient_checkpointing=bool(gc_),
                                  mixed_precision=mp_, checkpoint_every=int(ckpt_every_ or 0),
                                  validate_every=int(val_every_ or 0), output_name=name_, resume=bool(resume_),
                                  overwrite=bool(overwrite_), seed=int(seed_ or 0), model=model_ or "")
@@ -258,17 +274,21 @@ def build_train_tab(host: UIHost) -> None:
                         raise ConfigError("the prompt list is empty: type prompts (one per line) or upload a prompt file")
                     from ..scorers import SCORERS
 
+                    from ..model_names import is_world
+
                     info = SCORERS.get(form.scorer)
-                    if info is not None and info.needs_weights:
+                    if is_world(form.model or getattr(host, "model_path", None)) and form.scorer == "spm" and not weights_:
+                        form.scorer_weights = "world"  # the world's own step-aware preference model
+                    elif info is not None and info.needs_weights:
                         form.scorer_weights = str(host.resolve_input("scorer", weights_, f"weights for the {form.scorer} scorer"))
                 return lambda job: run_training(host, form, job)
 
             yield from run_job_handler(host, "train", "Training", prepare, lambda s: render_train(s, method_), 4,
-                                       interval=1.0)
+                                       interval=1.0, main_stage="training", total=int(max_steps_ or 0))
 
         btn.click(train_clicked, inputs=[model, method, preset, prompts, prompt_file, pairs, scorer, weights, max_steps, lr,
-                                         rank, k, sample_bs, train_bs, size, steps, gc, mp, ckpt_every, val_every, seed,
-                                         name, resume, overwrite],
+                                         rank, k, sample_bs, train_bs, size, steps, threshold, beta, gc, mp, ckpt_every,
+                                         val_every, seed, name, resume, overwrite],
                   outputs=[status, plot, preview, result], api_name="train")
         stop.click(lambda: _stop("train"), inputs=None, outputs=[status])
 

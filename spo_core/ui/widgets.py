@@ -68,13 +68,26 @@ class ActiveJobs:
 ACTIVE = ActiveJobs()
 
 
+def display_image(image, min_side: int = 256):
+    """An image the page can show: small ones (the world's 32 px) enlarged with sharp pixels,
+    not shown as specks; the file on disk keeps its real size."""
+    if image is None or min(image.size) >= min_side:
+        return image
+    from PIL import Image
+
+    factor = -(-min_side // min(image.size))
+    return image.resize((image.size[0] * factor, image.size[1] * factor), Image.NEAREST)
+
+
 def run_job_handler(host: UIHost, key: str, title: str, prepare: Callable[[], Callable[[Job], Any]],
                     render: Callable[[JobState], tuple], n_outputs: int, exclusive: bool = True,
-                    interval: float = 0.5) -> Iterator[tuple]:
+                    interval: float = 0.5, main_stage: str | None = None, total: int = 0) -> Iterator[tuple]:
     """Generator body of a long action's click handler.
 
     `prepare()` validates the inputs (raising SPOError with a message for the page) and returns
     the work function; `render(state)` gives the outputs, the first of which is the status HTML.
+    `main_stage`: the stage whose steps fill the bar (e.g. "training"; sampling rounds inside it
+    show as the message), out of `total`.
     """
     blank = tuple(g_update() for _ in range(n_outputs - 1))
     try:
@@ -89,7 +102,7 @@ def run_job_handler(host: UIHost, key: str, title: str, prepare: Callable[[], Ca
         yield (error_html(exc, title),) + blank
         return
     job = Job(title, work, runner=host.run_exclusive if exclusive else None, extra_cancel=host.host_cancel,
-              on_progress=host.on_progress if exclusive else None)
+              on_progress=host.on_progress if exclusive else None, main_stage=main_stage, total=total)
     ACTIVE.set(key, job)
     job.start()
     for state in job.poll(interval):

@@ -145,9 +145,10 @@ class SPOSource:
         self.buffer: list[PairItem] = []
         self.rounds = 0
         self.round_stats: dict[str, float] = {}
+        self.gaps: list[float] = []  # pool gaps of the rounds since the last pair (for the no-pairs advice)
         self.resampler_config = ResamplerConfig(
             k=cfg.k, policy="pairs", eta=cfg.eta, window=(cfg.min_train_t, cfg.max_train_t), inner_steps=cfg.inner_steps,
-            threshold=cfg.threshold, final_decode=True)
+            threshold=cfg.threshold, score_scale=float(getattr(scorer, "pair_scale", 1.0)), final_decode=True)
 
     # -- data -----------------------------------------------------------------------------------
     def next_batch(self, n: int) -> Batch:
@@ -155,13 +156,30 @@ class SPOSource:
         while len(self.buffer) < n:
             added = self.collect()
             empty = 0 if added else empty + 1
+            if added:
+                self.gaps = []
+            if empty == self.warn_after:
+                self.ctx.warn(self.no_pairs_advice(empty))
             if empty >= self.ctx.max_empty_rounds:
-                raise SPOError(
-                    f"no candidate pair passed the threshold ({self.ctx.cfg.threshold}) in {empty} sampling rounds: "
-                    "the scorer cannot tell the candidates apart. Lower the threshold, raise k, or check that the "
-                    "scorer suits the model (the SPM for SPO)")
+                raise SPOError(self.no_pairs_advice(empty) + " Training stopped.")
         items, self.buffer = self.buffer[:n], self.buffer[n:]
         return Batch(items)
+
+    warn_after = 2  # empty rounds before the user is told what to change
+
+    def no_pairs_advice(self, rounds: int) -> str:
+        """What a run that makes no pairs measured, and the settings that would make some."""
+        cfg = self.ctx.cfg
+        text = f"no candidate pair passed the threshold {cfg.threshold:g} in {rounds} sampling rounds"
+        if not self.gaps:
+            return text + ": no pool was drawn (check the step window and k)."
+        gaps = sorted(self.gaps)
+        median, top = gaps[len(gaps) // 2], gaps[-1]
+        suggest = max(round(median, 4), 1e-4)
+        return (f"{text}: the {self.scorer.name} scorer's score gaps between the best and worst of {cfg.k} candidates "
+                f"(as SPO measures them, p_win - p_lose) were at most {top:.4f}, median {median:.4f}. Lower the threshold "
+                f"to about {suggest:g} (half of the pools then make a pair), raise k, or use a scorer that tells this "
+                "model's candidates apart (the step-aware preference model for SPO).")
 
     def collect(self) -> int:
         """One sampling round; returns the number of pairs added (after sharing across processes)."""
@@ -179,6 +197,7 @@ class SPOSource:
             res = resample(ctx.denoiser_cfg, cond, x, sigmas, ctx.host.schedule, self.scorer, ctx.host.decode, prompts,
                            self.resampler_config, generator=self.sample_gen, callback=on_step, cancel=ctx.cancel)
         local = [PairItem.from_transition(p, prompts[p.row]) for p in res.pairs]
+        self.gaps.extend(_pool_gaps(res.trace, self.resampler_config.score_scale))
         items = ctx.share_items(local, self.shuffle_gen)
         self.rounds += 1
         margins = [p.score_win - p.score_lose for p in local]
@@ -237,6 +256,20 @@ class SPOSource:
             self.buffer.append(PairItem(tensors["buffer.x_t"][i], lose_parent, tensors["buffer.x_win"][i],
                                         tensors["buffer.x_lose"][i], m["sigma"], m["sigma_next"], m["eta"], m["t"],
                                         m["score_win"], m["score_lose"], m["prompt"]))
+
+
+def _pool_gaps(trace, scale: float) -> list[float]:
+    """p_win - p_lose of the best and worst candidate of every pool of a round."""
+    from ...sampling.resampler import pair_gap
+
+    gaps = []
+    for record in trace:
+        if record.scores is None:
+            continue
+        scores = record.scores.reshape(record.scores.shape[0], -1).float()  # [k, b]
+        for hi, lo in zip(scores.max(0).values.tolist(), scores.min(0).values.tolist()):
+            gaps.append(pair_gap(hi, lo, scale))
+    return gaps
 
 
 class SPOObjective:
