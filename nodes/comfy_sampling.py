@@ -6,7 +6,8 @@ prediction type are the guider's), and ComfyUI broadcasts conditioning cyclicall
 batch: exactly spo_core's k-major candidate layout. So the adapter only checks that the rows
 asked for are that cyclic layout, turns the resampler's per-step record into ComfyUI's
 callback (progress bar, live preview, SamplerCustom's denoised output), decodes with the
-VAE, and draws its noise from `extra_args["seed"]`.
+VAE, and draws its noise from `extra_args["seed"]` with ComfyUI's own noise sampler (candidate 0 and
+every unpooled step get exactly the noise the stock euler_ancestral would draw).
 """
 
 from __future__ import annotations
@@ -143,9 +144,13 @@ def sample_spo(model, x, sigmas, extra_args=None, callback=None, disable=None, s
         raise ConfigError(f"scorer {spo.scorer.name!r} compares candidates with the prompt: enter the prompt text "
                           "in the SPO resampler node")
 
-    step_callback = None
-    if callback is not None:
-        def step_callback(info):
+    from tqdm.auto import tqdm
+
+    console = tqdm(total=len(sigmas) - 1, disable=disable)  # the server console's bar, as the stock samplers draw
+
+    def step_callback(info):
+        console.update(info.i + 1 - console.n)
+        if callback is not None:
             callback({"x": info.x, "i": info.i, "sigma": info.sigma, "sigma_hat": info.sigma, "denoised": info.x0})
 
     config = spo.config
@@ -154,10 +159,20 @@ def sample_spo(model, x, sigmas, extra_args=None, callback=None, disable=None, s
     result = resample(
         ComfyDenoiser(model, extra_args), RowConditioning(x.shape[0]), x, sigmas, schedule, spo.scorer,
         vae_decoder(spo.vae, base), prompt or None, config, seed=int(extra_args.get("seed") or 0),
-        callback=step_callback,
+        callback=step_callback, host_noise=comfy_noise(x, extra_args.get("seed")),
     )
+    console.close()
     spo.trace.store(result, prompt)
     return result.x
+
+
+def comfy_noise(x: torch.Tensor, seed):
+    """ComfyUI's own ancestral noise (`default_noise_sampler(x, seed)`, as euler_ancestral draws it),
+    so that k = 1 is the stock sampler image for image."""
+    from comfy.k_diffusion.sampling import default_noise_sampler
+
+    sampler = default_noise_sampler(x, seed=seed)
+    return lambda: sampler(None, None)
 
 
 def spo_ksampler(options: ResamplerOptions):

@@ -108,7 +108,8 @@ def check_interrupt() -> None:
 
 
 class ComfyProgress:
-    """A spo_core ProgressFn that drives ComfyUI's progress bar (and its previews).
+    """A spo_core ProgressFn that drives ComfyUI's progress bar (and its previews), and a bar on
+    the server console like the stock KSampler's.
 
     The bar's hook also checks for an interrupt, which makes any long operation cancellable
     from the UI; the check runs here too, for hosts without the hook.
@@ -117,7 +118,10 @@ class ComfyProgress:
     def __init__(self, total: int, node_id: str | None = None, preview_size: int = 512):
         import comfy.utils
 
+        from spo_core.progress import TqdmProgress
+
         self.bar = comfy.utils.ProgressBar(max(int(total), 1), node_id=node_id)
+        self.console = TqdmProgress()
         self.preview_size = preview_size
         self.last: ProgressEvent | None = None
 
@@ -127,7 +131,11 @@ class ComfyProgress:
         if event.preview is not None:
             preview = ("JPEG", event.preview, self.preview_size)
         self.bar.update_absolute(min(event.step, event.total), max(event.total, 1), preview)
+        self.console(event)
         check_interrupt()
+
+    def close(self) -> None:
+        self.console.close()
 
 
 def interrupted_error():
@@ -150,6 +158,19 @@ def register_folders() -> None:
     if SCORER_FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[SCORER_FOLDER] = ([scorer_dir], set(folder_paths.supported_pt_extensions))
     folder_paths.add_model_folder_path("loras", os.path.join(folder_paths.get_output_directory(), "loras"))
+    register_comfy_tokenizer()
+
+
+def register_comfy_tokenizer() -> None:
+    """ComfyUI's own SD1 CLIP tokenizer files (the same BPE vocabulary): the scorers' tokenizer when
+    open_clip is not installed, so the SPM works on a default ComfyUI install."""
+    try:
+        import comfy
+    except ImportError:
+        return
+    from spo_core.clip_tokenizer import register_tokenizer_folder
+
+    register_tokenizer_folder(Path(comfy.__file__).resolve().parent / "sd1_tokenizer")
 
 
 def file_list(folder: str) -> list[str]:

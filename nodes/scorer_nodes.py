@@ -32,7 +32,9 @@ class ManagedScorer:
         if modules:
             import comfy.model_patcher
 
-            container = torch.nn.ModuleList(modules)
+            # ComfyUI logs "Requested to load <class name>": name the scorer there
+            named = type(f"SPOScorer_{scorer.name}", (torch.nn.ModuleList,), {})
+            container = named(modules)
             self.patcher = comfy.model_patcher.ModelPatcher(container, load_device=load_device, offload_device=offload_device)
 
     # the spo_core Scorer protocol
@@ -40,6 +42,8 @@ class ManagedScorer:
     step_aware = property(lambda self: self.scorer.step_aware)
     differentiable = property(lambda self: self.scorer.differentiable)
     needs_prompt = property(lambda self: self.scorer.needs_prompt)
+    pair_scale = property(lambda self: getattr(self.scorer, "pair_scale", 1.0))
+    spo_scale = property(lambda self: getattr(self.scorer, "spo_scale", True))
     device = property(lambda self: self.scorer.device)
     dtype = property(lambda self: self.scorer.dtype)
 

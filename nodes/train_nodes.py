@@ -30,32 +30,47 @@ PAIR_PRESETS = ["auto", "diffusion-dpo", "ncp-dpo"]
 
 
 class TrainingProgress:
-    """ComfyUI's progress bar for a training run (step / max_steps, validation grids as previews).
+    """ComfyUI's progress bar for a training run (step / max_steps, validation grids as previews),
+    and a bar on the server console like the stock KSampler's.
 
-    Cancel in the UI raises ComfyUI's interrupt inside the bar's hook; here it is caught and
-    turned into the trainer's cancel check, so the trainer stops at a safe point and saves a
-    checkpoint and the partial LoRA before the node reports the interrupt.
+    The UI bar counts in hundredths of a step, so a sampling round (the first one comes before
+    any step) moves it within the step it serves. Cancel in the UI raises ComfyUI's interrupt
+    inside the bar's hook; here it is caught and turned into the trainer's cancel check, so the
+    trainer stops at a safe point and saves a checkpoint and the partial LoRA before the node
+    reports the interrupt.
     """
+
+    SUB = 100  # bar units per training step
 
     def __init__(self, total: int, node_id: str | None):
         import comfy.utils
 
+        from spo_core.progress import TqdmProgress
+
         self.total = max(int(total), 1)
-        self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
+        self.bar = comfy.utils.ProgressBar(self.total * self.SUB, node_id=node_id)
+        self.console = TqdmProgress()
         self.step = 0
         self.interrupted = False
 
     def __call__(self, event) -> None:
         import comfy.model_management
 
+        within = 0
         if event.stage == "training":
             self.step = event.step
+            self.console(event)
+        elif event.stage == "sampling" and event.total:
+            within = min(self.SUB - 1, self.SUB * event.step // event.total)
         preview = ("JPEG", event.preview, 512) if event.preview is not None else None
         try:
-            self.bar.update_absolute(min(self.step, self.total), self.total, preview)
+            self.bar.update_absolute(min(self.step * self.SUB + within, self.total * self.SUB), self.total * self.SUB, preview)
             comfy.model_management.throw_exception_if_processing_interrupted()
         except comfy.model_management.InterruptProcessingException:
             self.interrupted = True
+
+    def close(self) -> None:
+        self.console.close()
 
     def cancelled(self) -> bool:
         import comfy.model_management
@@ -136,6 +151,7 @@ def _run(cfg: TrainConfig, model, clip, vae, scorer, node_id, publish_to: Path, 
             log.warning("training cancelled; the partial LoRA is %s (resume continues the run)", publish_to)
         raise interrupted_error()(f"{exc}; partial LoRA: {publish_to}") from exc
     finally:
+        progress.close()
         host.release()
         comfy.model_management.soft_empty_cache()
     path = _publish(result.lora_path, publish_to)

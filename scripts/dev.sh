@@ -4,6 +4,7 @@
 #   bash scripts/dev.sh demo [ARGS...]   # the main job: `spo demo` on the embedded world
 #   bash scripts/dev.sh test [ARGS...]   # the test suite (pytest ARGS)
 #   bash scripts/dev.sh spo ARGS...      # any `spo` command
+#   bash scripts/dev.sh comfy-deps DIR   # a ComfyUI checkout's requirements, for its integration tests
 #
 # The venv lives in .venv (SPO_VENV overrides). torch is installed first as a matched
 # torch/torchvision pair (SPO_TORCH_SPEC overrides, e.g. a CPU wheel index for your machine);
@@ -42,5 +43,13 @@ case "$cmd" in
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
   demo) exec "$VENV/bin/spo" demo "$@" ;;
   spo)  exec "$VENV/bin/spo" "$@" ;;
-  *) echo "usage: bash scripts/dev.sh {demo|test|spo} [ARGS...]" >&2; exit 2 ;;
+  comfy-deps)
+    # ComfyUI's requirements into this venv, pinned to the torch/torchvision already here (torchaudio is
+    # left out: no build matches every torch, and only ComfyUI's audio nodes need it)
+    comfy="${1:?usage: bash scripts/dev.sh comfy-deps /path/to/ComfyUI}"
+    "$VENV/bin/python" -m pip freeze 2>/dev/null | grep -iE '^(torch|torchvision)==' > "$VENV/.torch-pins.txt"
+    grep -viE '^[[:space:]]*(torch|torchvision|torchaudio)([<>=~!; ]|$)' "$comfy/requirements.txt" > "$VENV/.comfy-requirements.txt"
+    quiet_pip -c "$VENV/.torch-pins.txt" -r "$VENV/.comfy-requirements.txt" requests
+    echo "[dev] ComfyUI's requirements installed; run: COMFYUI_PATH=$comfy bash scripts/dev.sh test tests/test_comfyui_integration.py" ;;
+  *) echo "usage: bash scripts/dev.sh {demo|test|spo|comfy-deps} [ARGS...]" >&2; exit 2 ;;
 esac

@@ -58,6 +58,19 @@ def find_bpe_file() -> Path:
     )
 
 
+# tokenizer folders (vocab.json + merges.txt of the same CLIP BPE) a host ships, used when the BPE
+# file is absent: ComfyUI registers its comfy/sd1_tokenizer
+FALLBACK_FOLDERS: list[Path] = []
+
+
+def register_tokenizer_folder(folder: str | os.PathLike) -> None:
+    """A host's own CLIP tokenizer files, for installs without open_clip (same vocabulary)."""
+    path = Path(folder)
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file() and path not in FALLBACK_FOLDERS:
+        FALLBACK_FOLDERS.append(path)
+        tokenizer_files.cache_clear()
+
+
 def bpe_vocab_and_merges(bpe_path: Path) -> tuple[dict[str, int], list[str]]:
     """Build the 49,408-entry vocabulary and the merge list from the BPE file."""
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
@@ -77,8 +90,15 @@ def _cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def tokenizer_files() -> Path:
-    """Folder holding vocab.json and merges.txt, written once from the bundled BPE file."""
-    bpe = find_bpe_file()
+    """Folder holding vocab.json and merges.txt, written once from the bundled BPE file (or a
+    host's own tokenizer folder when open_clip's file is absent)."""
+    try:
+        bpe = find_bpe_file()
+    except FileMissingError:
+        if FALLBACK_FOLDERS:
+            log.info("open_clip's BPE file is absent: using the host's CLIP tokenizer in %s", FALLBACK_FOLDERS[0])
+            return FALLBACK_FOLDERS[0]
+        raise
     folder = _cache_dir()
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
     if vocab_path.is_file() and merges_path.is_file():

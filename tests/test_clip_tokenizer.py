@@ -41,3 +41,33 @@ def test_tokenizer_folder_and_missing_folder(tmp_path):
     assert again("a cat").input_ids == load_clip_tokenizer()("a cat").input_ids
     with pytest.raises(FileMissingError):
         load_clip_tokenizer(tmp_path / "nope")
+
+
+def test_a_hosts_tokenizer_folder_is_used_when_open_clip_is_absent(tmp_path, monkeypatch):
+    """ComfyUI registers its comfy/sd1_tokenizer: without open_clip the scorers still tokenize, identically."""
+    import shutil
+
+    from spo_core import clip_tokenizer as ct
+
+    ours = ct.load_clip_tokenizer()
+    host = tmp_path / "sd1_tokenizer"
+    host.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(ct.tokenizer_files() / name, host / name)
+
+    def absent():
+        raise ct.FileMissingError("no open_clip here")
+
+    monkeypatch.setattr(ct, "find_bpe_file", absent)
+    monkeypatch.setattr(ct, "FALLBACK_FOLDERS", [])
+    ct.tokenizer_files.cache_clear()
+    try:
+        with pytest.raises(ct.FileMissingError):
+            ct.tokenizer_files()
+        ct.register_tokenizer_folder(host)
+        assert ct.tokenizer_files() == host
+        theirs = ct.load_clip_tokenizer()
+        for text in ("a red circle above a blue square", "A photo of a cat, 4k, (masterpiece)"):
+            assert theirs(text).input_ids == ours(text).input_ids
+    finally:
+        ct.tokenizer_files.cache_clear()

@@ -670,12 +670,15 @@ def test_training_progress_turns_the_ui_interrupt_into_the_trainers_cancel(pack)
 
     train_nodes = sys.modules[pack.module.__name__ + ".nodes.train_nodes"]
     progress = train_nodes.TrainingProgress(10, "5")
+    progress(ProgressEvent("sampling", 1, 4))  # the first round, before any step, moves the bar
+    assert comfy.utils.UPDATES[-1][:3] == ("5", 25, 1000)
     progress(ProgressEvent("training", 1, 10))
+    assert comfy.utils.UPDATES[-1][:3] == ("5", 100, 1000)
     assert not progress.cancelled()
     comfy.model_management.interrupt_current_processing(True)
     progress(ProgressEvent("sampling", 2, 4))  # must not raise inside the trainer
     assert progress.cancelled()
-    assert comfy.utils.UPDATES[-1][:3] == ("5", 1, 10)
+    assert comfy.utils.UPDATES[-1][:3] == ("5", 150, 1000)
 
 
 def test_pairs_node_takes_image_batches_or_a_pairs_file(pack, fake_trainer):

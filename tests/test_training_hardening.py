@@ -105,3 +105,24 @@ def test_the_lock_is_held_across_processes(tmp_path):
         holder.kill()
         holder.wait()
     RunLock(tmp_path).acquire().release()  # a killed holder leaves no stale lock
+
+
+def test_a_scorer_off_spos_scale_gets_a_calibrated_threshold_and_makes_pairs(host, tmp_path):
+    """JPEG sizes differ by bytes between candidates: SPO's 0.3 would make no pair (the WebUI stall).
+    The first round's median pool gap becomes the threshold; half of the pools make pairs; a resumed
+    run keeps the calibrated value."""
+    from spo_core.scorers.jpeg import JPEGCompressibilityScorer
+
+    cfg = spo_config(tmp_path, max_steps=2, checkpoint_every=1, threshold=0.3)
+    result = train(cfg, host, JPEGCompressibilityScorer())
+    events = _events(tmp_path)
+    calibrated = [e for e in events if e.get("event") == "threshold_calibrated"]
+    assert len(calibrated) == 1 and 0 < calibrated[0]["threshold"] < 0.3
+    rounds = [e for e in events if e.get("event") == "round"]
+    assert rounds[0]["pairs"] > 0 and result.steps == 2
+    state = json.loads((tmp_path / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["source"]["threshold"] == calibrated[0]["threshold"]
+    # asked for explicitly, the threshold is used as it is
+    with pytest.raises(Exception, match="no candidate pair passed the threshold 0.3"):
+        train(spo_config(tmp_path / "fixed", max_steps=1, threshold=0.3, auto_threshold=False), host,
+              JPEGCompressibilityScorer())

@@ -398,7 +398,7 @@ def test_no_pairs_are_reported_within_two_rounds_with_what_to_change(tmp_path, t
     warnings = []
 
     def work(job):
-        return run_training(host, _form(max_steps=1, output_name="nopairs", extra={"threshold": 0.999}), job)
+        return run_training(host, _form(max_steps=1, output_name="nopairs", extra={"threshold": 0.999, "auto_threshold": False}), job)
 
     job = Job("Training", work, main_stage="training", total=1)
     orig = job.progress
@@ -413,3 +413,14 @@ def test_no_pairs_are_reported_within_two_rounds_with_what_to_change(tmp_path, t
     state = job.start().wait(120)
     assert len(warnings) == 1 and "in 2 sampling rounds" in warnings[0] and "Lower the threshold to about" in warnings[0]
     assert "Lower the threshold" in progress_html(state)
+
+
+def test_the_app_on_the_world_needs_no_scorer_weights(tmp_path):
+    pytest.importorskip("spo_core.scorers")
+    from spo_core.ui.tab_sample import SampleSettings, run_sampling
+    from spo_core.ui.tab_score import load_scorer_for
+
+    host = StandaloneHost(tmp_path, model="world")
+    scorer = load_scorer_for(host, "spm", "")
+    out = run_sampling(host.backend(), SampleSettings("a red circle", steps=4, k=2, window_hi=999), scorer)
+    assert out["grid"] is not None and out["image"].size[0] >= 256

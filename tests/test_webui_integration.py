@@ -139,20 +139,28 @@ def server(tmp_path_factory):
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the WebUI exited with {proc.returncode}:\n{log_path.read_text()[-6000:]}")
-        try:
-            _call(url + "/sdapi/v1/samplers", timeout=5)
-            break
-        except Exception:
-            time.sleep(2)
+        # the API answers a few seconds before start-up ends (Forge registers always-on scripts and the
+        # LoRA routes after it): wait for the "Startup time" line both WebUIs print when they are ready
+        if "Startup time" in log_path.read_text(errors="replace"):
+            try:
+                _call(url + "/sdapi/v1/samplers", timeout=5)
+                break
+            except Exception:
+                pass
+        time.sleep(1)
     else:
         proc.kill()
         pytest.fail(f"the WebUI did not start in time:\n{log_path.read_text()[-6000:]}")
     yield {"url": url, "log": log_path, "forge": forge, "data": data}
     try:
         _call(url + "/sdapi/v1/server-stop", {}, timeout=10)
-        proc.wait(30)
-    except Exception:
-        proc.kill()
+        proc.wait(10)
+    except Exception:  # Forge closes its server but keeps its main loop running
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     log.close()
 
 
@@ -191,6 +199,32 @@ def test_txt2img_with_the_spo_sampler(server):
     assert len(r["images"]) == 2
 
 
+def _pixels(image_b64: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image_b64.split(",", 1)[-1]))).convert("RGB")).astype(int)
+
+
+def test_spo_sampler_with_one_candidate_is_the_stock_euler_a(server):
+    """k = 1 draws the WebUI's own noise (p.rng): the same seed gives Euler a's image, image for image."""
+    common = {"prompt": "a red cube", "steps": 4, "width": 64, "height": 64, "seed": 11, "batch_size": 2,
+              "scheduler": "Karras"}
+    stock = _call(server["url"] + "/sdapi/v1/txt2img", {**common, "sampler_name": "Euler a"})
+    ours = _call(server["url"] + "/sdapi/v1/txt2img", {**common, "sampler_name": SAMPLER, "alwayson_scripts": {
+        "spo sampler": {"args": [1, "greedy", 0, 999, "jpeg_compressibility", "None", 1]}}})
+    assert len(stock["images"]) == len(ours["images"]) == 2
+    for a, b in zip(stock["images"], ours["images"]):
+        pa, pb = _pixels(a), _pixels(b)
+        assert pa.shape == pb.shape and abs(pa - pb).max() <= 1, abs(pa - pb).max()
+    other = _call(server["url"] + "/sdapi/v1/txt2img", {**common, "seed": 12, "sampler_name": SAMPLER, "alwayson_scripts": {
+        "spo sampler": {"args": [1, "greedy", 0, 999, "jpeg_compressibility", "None", 1]}}})
+    assert abs(_pixels(other["images"][0]) - _pixels(ours["images"][0])).max() > 1  # the seed matters
+
+
 CLIENT_SNIPPET = r'''
 import json, sys
 from gradio_client import Client
@@ -204,14 +238,31 @@ print(json.dumps(list(out) if isinstance(out, (list, tuple)) else [out], default
 '''
 
 
-def test_train_tab_on_the_loaded_checkpoint(server):
-    """The SPO tab's Train action through the WebUI's own gradio (client of the WebUI's version):
-    one DDPO step on the loaded checkpoint at 64 px, the LoRA lands in the LoRA folder, and
+TRAIN_INPUTS = ["model", "method", "preset", "prompts", "prompt_file", "pairs", "scorer", "weights", "max_steps", "lr", "rank",
+                "k", "sample_bs", "train_bs", "size", "steps", "threshold", "beta", "gradient_checkpointing",
+                "mixed_precision", "checkpoint_every", "validate_every", "seed", "name", "resume", "overwrite"]
+
+
+def _train_payload(**values) -> list:
+    defaults = dict(model="", method="spo", preset="auto", prompts="", prompt_file=None, pairs="", scorer="spm", weights=None,
+                    max_steps=1, lr=0, rank=0, k=0, sample_bs=0, train_bs=0, size=0, steps=20, threshold=-1, beta=0,
+                    gradient_checkpointing=False, mixed_precision="no", checkpoint_every=0, validate_every=-1, seed=1,
+                    name="spo_lora", resume=False, overwrite=True)
+    defaults.update(values)
+    return [defaults[k] for k in TRAIN_INPUTS]
+
+
+def test_train_tab_on_the_loaded_checkpoint(server, tmp_path):
+    """The SPO tab's Train action through the WebUI's own gradio, driven with the WebUI's own
+    gradio_client (0.5 on A1111: a real file for the file input, plain values back): SPO with a
+    JPEG scorer, k 2, 64 px on the loaded checkpoint, the LoRA lands in the LoRA folder, and
     txt2img applies it."""
     python = os.environ.get("WEBUI_PYTHON") or sys.executable
     name = "spo_tab_trained"
-    args = ["", "ddpo", "auto", "a red cube\na blue ball", None, "", "jpeg_compressibility", None, 1, 0, 0, 0,
-            1, 1, 64, 3, False, "no", 0, -1, 1, name, False, True]
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a red cube\na blue ball\n")
+    args = _train_payload(prompts="a red cube", prompt_file=str(prompt_file), scorer="jpeg_compressibility", max_steps=1,
+                          k=2, sample_bs=2, train_bs=2, size=64, steps=4, name=name)
     proc = subprocess.run([python, "-c", CLIENT_SNIPPET, server["url"] + "/", json.dumps(args)], capture_output=True,
                           text=True, timeout=1800, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-4000:] + server["log"].read_text()[-4000:]
@@ -225,3 +276,20 @@ def test_train_tab_on_the_loaded_checkpoint(server):
     assert "Networks with errors" not in text and "Networks with errors" not in server["log"].read_text()
     if not server["forge"]:
         assert name in text, text
+
+
+def test_a_run_without_pairs_says_what_to_change_and_publishes_nothing(server, tmp_path):
+    """An impossible threshold makes no pairs: the tab says what was measured and what to change, and
+    nothing is published."""
+    python = os.environ.get("WEBUI_PYTHON") or sys.executable
+    name = "spo_tab_nopairs"
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a red cube\n")
+    args = _train_payload(prompts="a red cube", prompt_file=str(prompt_file), scorer="jpeg_compressibility", max_steps=1, k=2, sample_bs=1, train_bs=1,
+                          size=64, steps=3, threshold=0.9999, name=name)
+    proc = subprocess.run([python, "-c", CLIENT_SNIPPET, server["url"] + "/", json.dumps(args)], capture_output=True,
+                          text=True, timeout=1800, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    status = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+    assert "no candidate pair passed the threshold" in status and "Lower the threshold" in status, status
+    assert not (server["data"] / "models" / "Lora" / f"{name}.safetensors").exists()

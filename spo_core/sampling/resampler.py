@@ -29,7 +29,7 @@ With k = 1 the draws and the result are exactly `sample_ancestral`'s.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -222,6 +222,7 @@ def resample(
     callback: StepCallback | None = None,
     cancel: CancelFn | None = None,
     progress: ProgressFn | None = None,
+    host_noise: Callable[[], torch.Tensor] | None = None,
 ) -> ResampleResult:
     """Sample from x (sigma space, at sigmas[0]) with per-step candidate pools (see module docstring).
 
@@ -233,6 +234,11 @@ def resample(
     `cancel()` is checked before each step. Returns the final sample (sigma space, at
     sigmas[-1]), the per-step trace, the pairs (policy "pairs") and the evaluation count in
     denoiser rows. k = 1 is plain sampling and needs no scorer.
+
+    `host_noise()`: the host's own per-step noise source (A1111/Forge `p.rng.next`, ComfyUI's
+    seeded noise sampler). It gives the noise of every unpooled step and of candidate 0 of every
+    pool, drawn once per stochastic step as the host's own ancestral sampler draws it, so k = 1
+    reproduces the host's Euler a image for image; the other candidates come from `generator`.
     """
     cfg = config or ResamplerConfig()
     sig = check_sigmas(sigmas)
@@ -273,7 +279,11 @@ def resample(
         down, up = ancestral_sigmas(s, s_next, cfg.eta)
         mean = ancestral_mean(x, x0, s, down)
         if not pool_now:
-            x = mean + float(up) * randn_like(x.shape, g, x) if float(up) > 0 else mean
+            if float(up) > 0:
+                z = host_noise().to(x) if host_noise is not None else randn_like(x.shape, g, x)
+                x = mean + float(up) * z
+            else:
+                x = mean
             parent_x0, x0 = x0, None
             trace.append(StepRecord(i, s, s_next, t, pooled=False, evaluations=counter.rows - step_rows))
             if callback is not None:
@@ -285,6 +295,8 @@ def resample(
 
         # --- a pool: k candidates from the shared mean, k-major rows ---------------------------
         z = randn_like((k, *x.shape), g, x)
+        if host_noise is not None:
+            z[0] = host_noise().to(x)
         cand = (mean.unsqueeze(0) + float(up) * z).reshape(k * b, *x.shape[1:])
         parents = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
         chain = [(parents, cand, s, s_next, float(up))]  # transitions of every candidate's chain

@@ -80,6 +80,7 @@ def load_aesthetic_head(path: Path) -> AestheticHead:
 
 class AestheticScorer(Scorer):
     name = "aesthetic"
+    spo_scale = False  # not a preference logit: SPO calibrates its pair threshold
     differentiable = True
     needs_prompt = False
 

@@ -37,6 +37,9 @@ class Scorer(ABC):
     # SPO's pair threshold (0.3 / 0.4) is set on the 2-way softmax of PickScore-scale scores
     # (100 * cosine): a scorer on another scale multiplies its scores by this before that softmax
     pair_scale: float = 1.0
+    # False for scores on a scale of their own (JPEG kB, aesthetic ratings): SPO training then
+    # calibrates its pair threshold from the first sampling round (auto_threshold)
+    spo_scale: bool = True
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)

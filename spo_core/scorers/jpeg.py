@@ -23,6 +23,7 @@ def jpeg_sizes_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
 
 class JPEGIncompressibilityScorer(Scorer):
     name = "jpeg_incompressibility"
+    spo_scale = False  # not a preference logit: SPO calibrates its pair threshold
     needs_prompt = False
 
     def __init__(self, device="cpu", dtype=torch.float32, quality: int = 95):

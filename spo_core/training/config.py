@@ -65,6 +65,9 @@ class TrainConfig:
     k: int = _f(4, "SPO pool size: candidates drawn from each shared x_t", "sampling")
     inner_steps: int = _f(0, "SPO multi-step (SDXL form): steps each candidate runs before scoring (3 for SDXL)", "sampling")
     threshold: float = _f(0.3, "SPO: keep a pair when the 2-way softmax gap of its scores exceeds this", "sampling")
+    auto_threshold: bool | None = _f(None, "SPO: calibrate the threshold from the first sampling round (the median pool gap, "
+                                     "so half of the pools make pairs); default: only for scorers whose scores are not on "
+                                     "SPO's scale (jpeg_*, aesthetic)", "sampling")
     max_train_t: float = _f(751.0, "SPO: train transitions whose parent timestep is <= this (SPO: 751)", "sampling")
     min_train_t: float = _f(0.0, "SPO: ... and >= this", "sampling")
     scorer: str = _f("spm", "scorer name (spm, pickscore, hpsv2, aesthetic, clip, jpeg_compressibility, ...)", "sampling")

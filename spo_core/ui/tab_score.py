@@ -18,18 +18,23 @@ def scorer_inputs(host: UIHost, default: str = "jpeg_compressibility"):
     names = actions.scorer_names()
     name = g.Dropdown(names, value=default if default in names else names[0], label="scorer")
     weights = file_picker(host, SCORER, "scorer weights (file or folder; not needed for jpeg_*)",
-                          placeholder="e.g. /models/sd-v1-5_step-aware_preference_model.safetensors")
+                          placeholder="e.g. /models/sd-v1-5_step-aware_preference_model.safetensors, or world (the embedded world's SPM)")
     hint = g.Markdown(actions.scorer_hint(name.value if hasattr(name, "value") else default))
     name.change(fn=lambda n: g.update(value=actions.scorer_hint(n)), inputs=[name], outputs=[hint])
     return name, weights
 
 
 def load_scorer_for(host: UIHost, name: str, weights: str | None, extra_clip: str | None = None):
+    """The scorer a tab asked for; `world` (or no weights, with the world as the model) is the
+    embedded world's SPM."""
     path = None
+    from ..model_names import is_world
     from ..scorers import SCORERS
 
     info = SCORERS.get(name)
-    if info is not None and info.needs_weights:
+    if name == "spm" and (is_world(weights) or (not (weights or "").strip() and is_world(getattr(host, "model_path", None)))):
+        path = "world"
+    elif info is not None and info.needs_weights:
         path = str(host.resolve_input(SCORER, weights, f"weights for the {name} scorer"))
     options = {"clip": extra_clip} if extra_clip else {}
     return actions.SCORERS.get(name, path, device=host.device, dtype=host.dtype, **options)

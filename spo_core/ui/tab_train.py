@@ -98,8 +98,9 @@ def build_config(form: TrainForm, arch: str | None, output_dir: Path, host_dtype
             setattr(cfg, name, int(getattr(form, name)))
     if form.rank:
         cfg.alpha = float(form.rank)
-    if form.threshold is not None and form.threshold >= 0:
+    if form.threshold is not None and form.threshold >= 0:  # typed by the user: used as it is
         cfg.threshold = float(form.threshold)
+        cfg.auto_threshold = False
     if form.beta:
         cfg.beta = float(form.beta)
     if form.size:
@@ -176,16 +177,20 @@ def run_training(host: UIHost, form: TrainForm, job: Job | None = None) -> dict[
 
 
 def render_train(state: JobState, method: str):
+    """The tab's outputs for a job state. While it runs, untouched outputs are left as they are;
+    the last state gives plain values (None for nothing), which every gradio client can read
+    (gradio_client 0.5, A1111's, cannot read `gr.update()` dicts in a final output)."""
     from ..plots import curves_from_records
 
     status = progress_html(state)
-    plot = g_update()
+    keep = None if state.done else g_update()
+    plot = keep
     if state.history:
         panels = [p for p in SHOWN_CURVES.get(method, [["loss"]]) if any(p[0] in h for h in state.history)]
         if panels:
             plot = curves_from_records(state.history, panels, title_prefix=f"{method}: ")
-    preview = display_image(state.preview) if state.preview is not None else g_update()
-    result = g_update()
+    preview = display_image(state.preview) if state.preview is not None else keep
+    result = "" if state.done else keep
     if state.status in ("done", "stopped") and state.result:
         r = state.result
         lines = [f"LoRA: {r['lora']}", f"working files (checkpoints, log, curves): {r['work_dir']}"]
@@ -228,7 +233,8 @@ def build_train_tab(host: UIHost) -> None:
                 size = g.Number(value=0, precision=0, label="image size (0 = model's)")
                 steps = g.Number(value=20, precision=0, label="sampling steps")
             with g.Row():
-                threshold = g.Number(value=-1, label="SPO pair threshold (-1 = preset; lower it when no pairs pass)")
+                threshold = g.Number(value=-1, label="SPO pair threshold (-1 = preset's; calibrated from the first round "
+                                                    "for JPEG / aesthetic scorers)")
                 beta = g.Number(value=0, label="beta (0 = preset: SPO 10, DPO 2500)")
             with g.Row():
                 gc = g.Checkbox(label="gradient checkpointing (less memory)", value=False)

@@ -129,6 +129,13 @@ def load_scorer(options: SPOOptions, device: torch.device) -> Any:
     return SCORERS.get(options.scorer, str(path) if path else None, device=device, dtype=dtype)
 
 
+def host_noise(p: Any) -> Callable[[], torch.Tensor] | None:
+    """The WebUI's own per-step noise (`p.rng.next()`, what Euler a draws through its TorchHijack),
+    so that k = 1 is the stock Euler a image for image, and the first candidate follows the seeds."""
+    rng = getattr(p, "rng", None)
+    return rng.next if rng is not None and hasattr(rng, "next") else None
+
+
 def sample_spo(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0):
     """The sampler function the WebUI calls (see the module docstring)."""
     p = getattr(model, "p", None)
@@ -156,7 +163,7 @@ def sample_spo(model, x, sigmas, extra_args=None, callback=None, disable=None, e
             callback({"x": info.x, "i": info.i, "sigma": info.sigma, "sigma_hat": info.sigma, "denoised": info.x0})
 
     result = resample(denoiser, BatchRows.of(batch), x, sigmas, schedule, scorer, decode, prompts, config,
-                      generator=generator, callback=step_callback)
+                      generator=generator, callback=step_callback, host_noise=host_noise(p))
     if p is not None:
         record_infotext(p, options, result)
     return result.x

@@ -28,7 +28,7 @@ from spo_core.lora.tables import load_table
 from spo_core.sampling import NoiseSchedule, TensorConditioning
 from spo_core.training import LoRARoot
 
-from .host import loaded_model, model_arch_of
+from .host import ensure_model, model_arch_of
 from .sampler import schedule_of
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,10 @@ class WebUITrainingHost:
     """TrainingHost (spo_core.training.host) over the WebUI's loaded checkpoint, A1111 or Forge."""
 
     def __init__(self, sd_model: Any = None):
-        sd_model = sd_model if sd_model is not None else loaded_model()
+        sd_model = sd_model if sd_model is not None else ensure_model()
         if sd_model is None:
-            raise ConfigError("no checkpoint is loaded in the WebUI: choose one in the checkpoint dropdown first")
+            raise ConfigError("no checkpoint is loaded in the WebUI and the selected one did not load: choose one in the "
+                              "checkpoint dropdown (the console says why it failed)")
         self.sd_model = sd_model
         self.forge = hasattr(sd_model, "forge_objects")
         arch = model_arch_of(sd_model)

@@ -146,9 +146,12 @@ class SPOSource:
         self.rounds = 0
         self.round_stats: dict[str, float] = {}
         self.gaps: list[float] = []  # pool gaps of the rounds since the last pair (for the no-pairs advice)
+        auto = cfg.auto_threshold if cfg.auto_threshold is not None else not getattr(scorer, "spo_scale", True)
+        self.threshold: float | None = None if auto else float(cfg.threshold)  # None: calibrated by the first round
         self.resampler_config = ResamplerConfig(
             k=cfg.k, policy="pairs", eta=cfg.eta, window=(cfg.min_train_t, cfg.max_train_t), inner_steps=cfg.inner_steps,
-            threshold=cfg.threshold, score_scale=float(getattr(scorer, "pair_scale", 1.0)), final_decode=True)
+            threshold=0.0 if auto else cfg.threshold, score_scale=float(getattr(scorer, "pair_scale", 1.0)),
+            final_decode=True)
 
     # -- data -----------------------------------------------------------------------------------
     def next_batch(self, n: int) -> Batch:
@@ -167,10 +170,33 @@ class SPOSource:
 
     warn_after = 2  # empty rounds before the user is told what to change
 
+    def _calibrate(self, gaps: list[float], local: list[PairItem]) -> list[PairItem]:
+        """auto_threshold: the median pool gap of the first round (over every process) becomes the
+        threshold, so half of the pools make pairs; this round's pairs are filtered by it."""
+        every = [g for part in self.ctx.gather_objects(gaps) for g in part] if self.ctx.world > 1 else gaps
+        if not every:
+            return local
+        every = sorted(every)
+        self.threshold = every[len(every) // 2]
+        self.resampler_config.threshold = self.threshold
+        scale = self.resampler_config.score_scale
+        from ...sampling.resampler import pair_gap
+
+        kept = [p for p in local if pair_gap(p.score_win, p.score_lose, scale) > self.threshold]
+        self.ctx.log_event("threshold_calibrated", threshold=self.threshold, pools=len(every))
+        import logging
+
+        logging.getLogger(__name__).info(
+            "SPO pair threshold calibrated to %.5g (the median gap of %d pools: the %s scorer's scores are not on SPO's "
+            "scale; set auto_threshold=false to use threshold %g as it is)", self.threshold, len(every), self.scorer.name,
+            self.ctx.cfg.threshold)
+        return kept
+
     def no_pairs_advice(self, rounds: int) -> str:
         """What a run that makes no pairs measured, and the settings that would make some."""
         cfg = self.ctx.cfg
-        text = f"no candidate pair passed the threshold {cfg.threshold:g} in {rounds} sampling rounds"
+        threshold = self.threshold if self.threshold is not None else cfg.threshold
+        text = f"no candidate pair passed the threshold {threshold:g} in {rounds} sampling rounds"
         if not self.gaps:
             return text + ": no pool was drawn (check the step window and k)."
         gaps = sorted(self.gaps)
@@ -197,7 +223,10 @@ class SPOSource:
             res = resample(ctx.denoiser_cfg, cond, x, sigmas, ctx.host.schedule, self.scorer, ctx.host.decode, prompts,
                            self.resampler_config, generator=self.sample_gen, callback=on_step, cancel=ctx.cancel)
         local = [PairItem.from_transition(p, prompts[p.row]) for p in res.pairs]
-        self.gaps.extend(_pool_gaps(res.trace, self.resampler_config.score_scale))
+        gaps = _pool_gaps(res.trace, self.resampler_config.score_scale)
+        self.gaps.extend(gaps)
+        if self.threshold is None:
+            local = self._calibrate(gaps, local)
         items = ctx.share_items(local, self.shuffle_gen)
         self.rounds += 1
         margins = [p.score_win - p.score_lose for p in local]
@@ -217,10 +246,12 @@ class SPOSource:
     # -- resumable state -------------------------------------------------------------------------
     def snapshot(self):
         return (self.sampler.state_dict(), self.sample_gen.get_state(), self.shuffle_gen.get_state(), list(self.buffer),
-                self.rounds, dict(self.round_stats))
+                self.rounds, dict(self.round_stats), self.threshold)
 
     def restore(self, snap) -> None:
-        sampler, sg, shg, buf, rounds, stats = snap
+        sampler, sg, shg, buf, rounds, stats, threshold = snap
+        self.threshold = threshold
+        self.resampler_config.threshold = threshold if threshold is not None else 0.0
         self.sampler.load_state_dict(sampler)
         self.sample_gen.set_state(sg)
         self.shuffle_gen.set_state(shg)
@@ -228,6 +259,7 @@ class SPOSource:
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = {"sampler": self.sampler.state_dict(), "rounds": self.rounds, "round_stats": self.round_stats,
+                "threshold": self.threshold,
                 "buffer": [{"sigma": p.sigma, "sigma_next": p.sigma_next, "eta": p.eta, "t": p.t, "score_win": p.score_win,
                             "score_lose": p.score_lose, "prompt": p.prompt, "shared": p.x_t_lose is None} for p in self.buffer]}
         tensors = {"rng.sample": self.sample_gen.get_state(), "rng.shuffle": self.shuffle_gen.get_state()}
@@ -243,6 +275,9 @@ class SPOSource:
     def load_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.sampler.load_state_dict(meta["sampler"])
         self.rounds = int(meta["rounds"])
+        if meta.get("threshold") is not None:
+            self.threshold = float(meta["threshold"])
+            self.resampler_config.threshold = self.threshold
         self.round_stats = dict(meta.get("round_stats", {}))
         self.sample_gen.set_state(tensors["rng.sample"])
         self.shuffle_gen.set_state(tensors["rng.shuffle"])
