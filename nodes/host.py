@@ -170,7 +170,8 @@ def register_comfy_tokenizer() -> None:
         return
     from spo_core.clip_tokenizer import register_tokenizer_folder
 
-    register_tokenizer_folder(Path(comfy.__file__).resolve().parent / "sd1_tokenizer")
+    for folder in list(getattr(comfy, "__path__", [])):  # comfy is a namespace package: no __file__
+        register_tokenizer_folder(Path(folder) / "sd1_tokenizer")
 
 
 def file_list(folder: str) -> list[str]:

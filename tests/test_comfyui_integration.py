@@ -321,8 +321,10 @@ def test_train_spo_lora_three_steps_and_the_stock_loader_takes_the_file(comfy):
     assert path == comfy.base / "output" / "loras" / "tiny_spo.safetensors" and path.is_file()
     assert "spo LoRA trained for 3 steps" in comfy.captured["report"]
     assert comfy.captured["curves"].shape[0] == 1 and comfy.captured["curves"].shape[-1] == 3
-    progress = [p for p in comfy.progress if p[0] == "5"]
-    assert [p[1] for p in progress if not p[3]][-3:] == [1, 2, 3] and progress[-1][2] == 3
+    progress = [p for p in comfy.progress if p[0] == "5"]  # the bar counts hundredths of a step
+    assert [p[1] for p in progress if not p[3]][-3:] == [100, 200, 300] and progress[-1][2] == 300
+    first = next(i for i, p in enumerate(progress) if p[1] >= 100)
+    assert any(0 < p[1] < 100 for p in progress[:first])  # the first sampling round moves the bar
     assert any(p[3] for p in progress)  # the final base-vs-LoRA grid as a preview
     patched, warnings = _stock_load(comfy, path.name)
     assert warnings == []
@@ -404,3 +406,29 @@ def test_example_workflows_validate_in_comfyui(comfy):
         ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("x", prompt, None))
         assert ok, (name, error, node_errors)
         assert outputs
+
+
+def test_comfyuis_own_tokenizer_is_registered_and_tokenizes_like_ours(comfy):
+    """Without open_clip the SPM falls back to ComfyUI's comfy/sd1_tokenizer: same ids as the bundled BPE."""
+    from spo_core import clip_tokenizer as ct
+
+    folder = next(f for f in ct.FALLBACK_FOLDERS if f.name == "sd1_tokenizer")
+    theirs, ours = ct.load_clip_tokenizer(folder), ct.load_clip_tokenizer()
+    for text in ("a red circle above a blue square", "A photo of a cat, 4k, (masterpiece:1.2), café"):
+        assert theirs(text).input_ids == ours(text).input_ids
+
+
+def test_the_scorer_is_named_in_comfyuis_load_log(comfy):
+    scorers = sys.modules[comfy.pack_module + ".nodes.scorer_nodes"]
+    from spo_core.scorers import load_scorer
+
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    inner = load_scorer("jpeg_compressibility")
+    inner.modules = lambda: [Tiny()]
+    managed = scorers.ManagedScorer(inner, torch.device("cpu"), torch.device("cpu"))
+    comfy.log.clear()
+    managed.prepare()
+    assert any("Requested to load SPOScorer_jpeg_compressibility" in m for m in comfy.log.messages(logging.INFO))

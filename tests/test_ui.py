@@ -424,3 +424,12 @@ def test_the_app_on_the_world_needs_no_scorer_weights(tmp_path):
     scorer = load_scorer_for(host, "spm", "")
     out = run_sampling(host.backend(), SampleSettings("a red circle", steps=4, k=2, window_hi=999), scorer)
     assert out["grid"] is not None and out["image"].size[0] >= 256
+
+
+def test_the_inspect_status_is_green_only_for_a_clean_lora():
+    from spo_core.ui.tab_lora import inspect_status
+
+    assert inspect_status("a", {"ok": True, "format": "kohya", "arch": "sd15", "modules": 128})[1] == "ok"
+    text, kind = inspect_status("b", {"ok": False, "arch": "unknown", "unmatched": ["x"] * 32, "problems": []})
+    assert kind == "error" and "32" in text
+    assert inspect_status("c", {"ok": True, "model_mismatch": "for sdxl, loaded sd15"})[1] == "error"

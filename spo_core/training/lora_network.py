@@ -321,13 +321,22 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _is_linear_or_conv(mod: nn.Module) -> bool:
+    """torch's Linear/Conv2d, or a host's own Linear with a 2-D weight (Forge's ForgeOperations.Linear
+    is a plain Module holding `weight`, computing F.linear)."""
+    if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        return True
+    weight = getattr(mod, "weight", None)
+    return type(mod).__name__ == "Linear" and isinstance(weight, torch.Tensor) and weight.ndim == 2
+
+
 def find_host_modules(root: LoRARoot, table: ModuleTable, modules: Iterable[ModuleInfo]) -> dict[tuple[str, str], nn.Module]:
     """Map table modules to live host modules by the host's naming; shapes must agree."""
     wanted = {(m.component, m.name) for m in modules}
     found: dict[tuple[str, str], nn.Module] = {}
     prefix = root.prefix
     for name, mod in root.module.named_modules():
-        if not name.startswith(prefix) or not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if not name.startswith(prefix) or not _is_linear_or_conv(mod):
             continue
         rel = name[len(prefix):]
         if root.naming == "ldm":

@@ -575,7 +575,11 @@ class Trainer:
         if self.network is not None and not self.keep_network:
             self.network.detach()
         for p, flag in self._frozen:
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                # a host's inference tensors (Forge loads its model under inference mode) only take
+                # requires_grad=True back inside inference mode
+                with torch.inference_mode(p.is_inference()):
+                    p.requires_grad_(flag)
         self._frozen = []
         if self._checkpointing_on:
             self.host.set_gradient_checkpointing(False)

@@ -11,6 +11,17 @@ FORMATS = ["webui", "diffusers", "peft"]
 DTYPES = ["keep", "fp16", "bf16", "fp32"]
 
 
+def inspect_status(name: str, data: dict) -> tuple[str, str]:
+    """The status line of an inspection: green only when every key was used and the LoRA fits."""
+    if data.get("model_mismatch"):
+        return f"{name}: {data['model_mismatch']}", "error"
+    if not data.get("ok"):
+        issues = len(data.get("unmatched", [])) + len(data.get("problems", []))
+        return (f"{name}: {data['arch']}, {issues} keys or modules cannot be used (see the report); it would load only "
+                "partially or not at all", "error")
+    return f"{name}: {data['format']} LoRA for {data['arch']}, {data['modules']} modules, all keys used", "ok"
+
+
 def build_lora_tab(host: UIHost) -> None:
     g = gr()
     with g.Tab("LoRA tools", elem_id="spo_lora_tools"):
@@ -24,8 +35,8 @@ def build_lora_tab(host: UIHost) -> None:
 
             def inspect(path):
                 p = host.resolve_input(LORA, path, "LoRA file")
-                text, _ = actions.inspect_lora(p, host.model_arch())
-                return message_html("read " + p.name, "ok"), text
+                text, data = actions.inspect_lora(p, host.model_arch())
+                return message_html(*inspect_status(p.name, data)), text
 
             btn.click(quick_handler("Inspect", inspect, 2), inputs=[src], outputs=[status, report], api_name="lora_inspect")
 

@@ -36,13 +36,13 @@ def ensure_model() -> Any:
     """The checkpoint the WebUI has selected, loaded now if no generation has loaded it yet (a user
     may open the SPO tab first). A1111 loads it through `model_data.get_sd_model`, Forge through
     `forge_model_reload`."""
-    model = loaded_model()
-    if model is not None:
-        return model
     from modules import sd_models
 
-    if hasattr(sd_models, "forge_model_reload"):
+    if hasattr(sd_models, "forge_model_reload"):  # Forge: a FakeInitialModel stands in until the first load
         model, _ = sd_models.forge_model_reload()
+        return model
+    model = loaded_model()
+    if model is not None:
         return model
     return sd_models.model_data.get_sd_model()
 

@@ -64,6 +64,25 @@ class WebUIDenoiserForTraining:
         return self.host.x0(x, sigma, {k: v for k, v in cond.tensors.items() if k.startswith("c")})
 
 
+def _trainable_tensors(module: nn.Module) -> None:
+    """Forge loads its model under inference mode: autograd cannot save inference tensors for the
+    backward pass through the frozen UNet. Replace them by ordinary copies (once; the WebUI samples
+    with them as before)."""
+    converted = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = nn.Parameter(p.clone(), requires_grad=False)
+                    converted += 1
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+                    converted += 1
+    if converted:
+        log.info("made %d inference tensors of the UNet trainable-through", converted)
+
+
 class WebUITrainingHost:
     """TrainingHost (spo_core.training.host) over the WebUI's loaded checkpoint, A1111 or Forge."""
 
@@ -87,6 +106,7 @@ class WebUITrainingHost:
         self.default_size = 1024 if self.is_sdxl else (768 if arch == "sd2" and self.v_prediction else 512)
         self.schedule = self._schedule()
         self._checkpoint_patched: list[nn.Module] = []
+        self._weight_ptrs: set[int] | None = None
         self._reset_webui_lora()
 
     # -- model parts -------------------------------------------------------------------------
@@ -96,7 +116,9 @@ class WebUITrainingHost:
 
             patcher = self.sd_model.forge_objects.unet
             memory_management.load_model_gpu(patcher)
-            return patcher.model.diffusion_model
+            unet = patcher.model.diffusion_model
+            _trainable_tensors(unet)
+            return unet
         return self.sd_model.model.diffusion_model
 
     def _schedule(self) -> NoiseSchedule:
@@ -117,6 +139,24 @@ class WebUITrainingHost:
             log.info("clearing %d LoRA(s) of the last generation before training", len(loaded))
             loaded.clear()
 
+    def _copy_saved_activations(self):
+        """Forge's UNet is written for inference: its transformer blocks add into their hidden states in
+        place (`x += ...`) after ops such as LayerNorm saved them for backward, which autograd refuses.
+        While grads are on, every activation autograd saves is kept as a copy taken when it was saved
+        (the value the op used), so the in-place updates cannot touch it; weights are kept as they are."""
+        import contextlib
+
+        if not torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        if self._weight_ptrs is None:
+            self._weight_ptrs = {p.data_ptr() for p in self.unet.parameters()}
+        weights = self._weight_ptrs
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            return t if t.data_ptr() in weights else t.clone()
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
     # -- the TrainingHost protocol -----------------------------------------------------------
     def module_table(self):
         return load_table(self.arch)
@@ -132,7 +172,8 @@ class WebUITrainingHost:
         c = _unflatten(cond, "c")
         if self.forge:
             kwargs = {"c_crossattn": c["crossattn"], "y": c["vector"]} if isinstance(c, dict) else {"c_crossattn": c}
-            return self.sd_model.forge_objects.unet.model.apply_model(x, sigma, **kwargs).to(x.dtype)
+            with self._copy_saved_activations():
+                return self.sd_model.forge_objects.unet.model.apply_model(x, sigma, **kwargs).to(x.dtype)
         s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         x_in = x / (1 + s * s).sqrt()
         t = self.schedule.timestep(sigma.detach().double().cpu()).to(device=x.device, dtype=torch.float32)
