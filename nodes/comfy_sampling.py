@@ -74,6 +74,15 @@ def noise_schedule(base_model) -> NoiseSchedule:
     return NoiseSchedule(1.0 / (1.0 + sigmas * sigmas))
 
 
+def check_scorer_fits(scorer, base_model) -> None:
+    """A latent reward model must be made for this model's architecture (refused naming both)."""
+    from spo_core.scorers.lrm import check_latent_scorer_fits
+
+    unet = getattr(getattr(base_model, "model_config", None), "unet_config", None) or {}
+    family = "sdxl" if unet.get("adm_in_channels") else "sd1"
+    check_latent_scorer_fits(scorer, family, unet.get("context_dim"), f"the model ({type(base_model).__name__})")
+
+
 def vae_decoder(vae, base_model):
     """x0 latents in the model's space -> images [N,3,H,W] in [0,1], through the VAE node input."""
     def decode(x0: torch.Tensor) -> torch.Tensor:
@@ -139,6 +148,7 @@ def sample_spo(model, x, sigmas, extra_args=None, callback=None, disable=None, s
         )
     base = base_model_of(model)
     schedule = noise_schedule(base)
+    check_scorer_fits(spo.scorer, base)
     prompt = spo.prompt.strip()
     if getattr(spo.scorer, "needs_prompt", False) and not prompt and spo.config.k > 1:
         raise ConfigError(f"scorer {spo.scorer.name!r} compares candidates with the prompt: enter the prompt text "

@@ -44,6 +44,8 @@ class ManagedScorer:
     needs_prompt = property(lambda self: self.scorer.needs_prompt)
     pair_scale = property(lambda self: getattr(self.scorer, "pair_scale", 1.0))
     spo_scale = property(lambda self: getattr(self.scorer, "spo_scale", True))
+    input_kind = property(lambda self: getattr(self.scorer, "input_kind", "pixels"))
+    model = property(lambda self: getattr(self.scorer, "model", None))
     device = property(lambda self: self.scorer.device)
     dtype = property(lambda self: self.scorer.dtype)
 

@@ -14,6 +14,7 @@ import torch
 from spo_core.errors import Cancelled, ConfigError, OutputExistsError
 from spo_core.safe_io import atomic_output
 from spo_core.training import PRESETS, TrainConfig, apply_preset, train
+from spo_core.training.config import auto_preset
 from spo_core.training.data import LatentPairs, load_prompts
 
 from .comfy_training import ComfyTrainingHost
@@ -25,7 +26,7 @@ from .spec import In, NodeSpec, Out, Result
 log = logging.getLogger(__name__)
 
 RUNS_FOLDER = "spo_training"
-PROMPT_PRESETS = ["auto", "spo-sd15", "spo-sdxl", "ddpo"]
+PROMPT_PRESETS = ["auto", "spo-sd15", "spo-sdxl", "lpo-sd15", "lpo-sdxl", "ddpo"]
 PAIR_PRESETS = ["auto", "diffusion-dpo", "ncp-dpo"]
 
 
@@ -212,7 +213,7 @@ def train_spo_lora(model, clip, vae, scorer, prompts: str = "", method: str = "s
     prompt_list = _prompt_list(prompts, prompt_file)
     arch = model_arch(model)
     if preset == "auto":
-        preset = "ddpo" if method == "ddpo" else ("spo-sdxl" if arch in ("sdxl", "custom-sdxl") else "spo-sd15")
+        preset = auto_preset(method, arch)
     if PRESETS[preset]["method"] != method:
         raise ConfigError(f"preset {preset} is for {PRESETS[preset]['method']}, not {method}; choose auto or a matching preset")
     publish_to = _publish_path(common["output_name"], common["resume"], common["overwrite"])
@@ -222,8 +223,8 @@ def train_spo_lora(model, clip, vae, scorer, prompts: str = "", method: str = "s
                      validation_prompts=prompt_list[:1])
     if batch_size > 0:
         overrides.update(sample_batch_size=int(batch_size), train_batch_size=int(batch_size))
-    if pair_threshold >= 0:
-        overrides["threshold"] = float(pair_threshold)
+    if pair_threshold >= 0:  # typed by the user: used as it is
+        overrides.update(threshold=float(pair_threshold), threshold_max=None, auto_threshold=False)
     cfg = _config(preset, overrides)
     return _run(cfg, model, clip, vae, scorer, node_id, publish_to, prompts=prompt_list)
 
@@ -240,8 +241,10 @@ TRAIN = NodeSpec(
         In("vae", "VAE", "Its VAE, to decode candidates for the scorer."),
         In("scorer", SCORER_TYPE, "Ranks the candidates: the step-aware preference model for SPO."),
         In("prompts", "STRING", "Training prompts, one per line (or use prompt_file).", multiline=True, default=""),
-        In("method", "COMBO", "spo, or ddpo (policy gradient on final-image rewards).", options=["spo", "ddpo"], default="spo"),
-        In("preset", "COMBO", "Released hyperparameters; auto = SPO SD1.5 or SDXL by the model.", options=PROMPT_PRESETS, default="auto"),
+        In("method", "COMBO", "spo; lpo (SPO's loop with a latent reward model as the scorer: every step, dynamic "
+           "threshold, beta 500); or ddpo (policy gradient on final-image rewards).", options=["spo", "lpo", "ddpo"],
+           default="spo"),
+        In("preset", "COMBO", "Released hyperparameters; auto = the method's SD1.5 or SDXL config by the model.", options=PROMPT_PRESETS, default="auto"),
         *_common_inputs(),
         In("sampling_steps", "INT", "DDIM steps of each sampling round (SPO: 20).", default=20, min=2, max=200, step=1),
         In("guidance_scale", "FLOAT", "CFG scale while sampling and training (SPO: 5).", default=5.0, min=1.0, max=30.0, step=0.1),

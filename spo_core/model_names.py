@@ -2,7 +2,7 @@
 
 Every place that takes a model, scorer weights or prompts accepts `world` (unless a file or
 folder of that name exists): `--model world` is the shipped base model, `--scorer-weights world`
-its step-aware preference model, `--prompts world` its training prompts. Kept free of heavy
+its step-aware preference model (or latent reward model, with `--scorer lrm`), `--prompts world` its training prompts. Kept free of heavy
 imports, so the LoRA engine can use it inside the WebUI's environment.
 """
 
@@ -15,6 +15,7 @@ WORLD = "world"
 WORLD_WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
 WORLD_MODEL = WORLD_WEIGHTS / "base"
 WORLD_SPM = WORLD_WEIGHTS / "spm.safetensors"
+WORLD_LRM = WORLD_WEIGHTS / "lrm.safetensors"
 
 
 def is_world(spec: str | os.PathLike | None) -> bool:
@@ -28,11 +29,11 @@ def resolve_model(spec: str | os.PathLike) -> str | os.PathLike:
 
 
 def resolve_scorer_weights(scorer: str, spec: str | os.PathLike | None) -> str | os.PathLike | None:
-    """The world's SPM for `spm` + `world`, anything else unchanged."""
+    """The world's SPM (`spm`) or latent reward model (`lrm`) for `world`, anything else unchanged."""
     if is_world(spec):
-        if scorer != "spm":
+        if scorer not in ("spm", "lrm"):
             from .errors import ConfigError
 
-            raise ConfigError(f"'world' weights exist for the spm scorer only, not for {scorer!r}")
-        return str(WORLD_SPM)
+            raise ConfigError(f"'world' weights exist for the spm and lrm scorers only, not for {scorer!r}")
+        return str(WORLD_SPM if scorer == "spm" else WORLD_LRM)
     return spec

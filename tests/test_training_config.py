@@ -26,8 +26,12 @@ def test_presets_reproduce_the_released_spo_configs():
     xl = preset("sdxl", prompts="p.txt").resolved()
     assert (xl.k, xl.inner_steps, xl.threshold, xl.rank, xl.alpha, xl.learning_rate) == (2, 3, 0.4, 64, 64.0, 1e-5)
     assert (xl.train_batch_size, xl.gradient_accumulation) == (2, 2)
-    assert set(PRESETS) == {"spo-sd15", "spo-sdxl", "diffusion-dpo", "ncp-dpo", "ddpo", "spo-world", "diffusion-dpo-world",
-                            "ncp-dpo-world", "ddpo-world"}
+    assert set(PRESETS) == {"spo-sd15", "spo-sdxl", "lpo-sd15", "lpo-sdxl", "diffusion-dpo", "ncp-dpo", "ddpo", "spo-world",
+                            "lpo-world", "diffusion-dpo-world", "ncp-dpo-world", "ddpo-world"}
+    lpo = preset("lpo", prompts="p.txt").resolved()  # Kwai-Kolors/LPO's SD1.5 config
+    assert (lpo.method, lpo.k, lpo.beta, lpo.threshold, lpo.threshold_max, lpo.min_train_t, lpo.max_train_t) == \
+        ("lpo", 4, 500.0, 0.35, 0.5, 0.0, 999.0)
+    assert (lpo.rank, lpo.learning_rate, lpo.sample_batch_size, lpo.train_batch_size, lpo.scorer) == (4, 6e-5, 5, 10, "lrm")
     assert TrainConfig(method="dpo", pairs="x").resolved().beta == 2500.0
 
 

@@ -91,11 +91,10 @@ def trained_lora(path: Path) -> Path:
     table = load_table("sd15")
     unet = real_unet("sd15", device="cpu", dtype=torch.float32)
     net = inject_lora(LoRARoot(unet, "diffusers", ""), table, "attn", 4, 4.0, "gaussian", 0, device=torch.device("cpu"))
-    with torch.no_grad():
-        for b in net.branches.values() if isinstance(net.branches, dict) else net.branches:
-            up = getattr(b, "up", None)
-            if isinstance(up, torch.nn.Module):
-                up.weight.normal_(0, 1e-3)
+    with torch.no_grad():  # non-zero up factors: the LoRA must change the image
+        g = torch.Generator().manual_seed(0)
+        for branch in net.branches.values():
+            branch.up.copy_(torch.randn(branch.up.shape, generator=g) * 1e-2)
     lora = net.to_lora()
     net.detach()
     save_lora(lora, path, fmt="webui", title=path.stem)
@@ -181,8 +180,9 @@ def test_txt2img_applies_our_lora(server):
     _call(server["url"] + "/sdapi/v1/refresh-loras", {})
     loras = [x["name"] for x in _call(server["url"] + "/sdapi/v1/loras")]
     assert "spo_test" in loras
-    r = _call(server["url"] + "/sdapi/v1/txt2img", {"prompt": "a red cube <lora:spo_test:1>", "steps": 2, "width": 64,
-                                                    "height": 64, "sampler_name": "Euler a", "seed": 1})
+    common = {"steps": 2, "width": 64, "height": 64, "sampler_name": "Euler a", "seed": 1}
+    r = _call(server["url"] + "/sdapi/v1/txt2img", {"prompt": "a red cube <lora:spo_test:1>", **common})
+    plain = _call(server["url"] + "/sdapi/v1/txt2img", {"prompt": "a red cube", **common})
     info = json.loads(r["info"])
     text = info["infotexts"][0]
     log = server["log"].read_text()
@@ -190,6 +190,9 @@ def test_txt2img_applies_our_lora(server):
     assert "Could not find a module type" not in log and "Lora not found" not in log
     if not server["forge"]:
         assert "Lora hashes: \"spo_test" in text or "spo_test:" in text, text
+    else:
+        assert "[LORA] Loaded" in log and "spo_test.safetensors" in log and "(skipped 0 keys)" in log
+    assert abs(_pixels(r["images"][0]) - _pixels(plain["images"][0])).max() > 0  # the LoRA changes the image
 
 
 def test_txt2img_with_the_spo_sampler(server):

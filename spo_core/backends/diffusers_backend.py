@@ -314,6 +314,11 @@ class DiffusersBackend:
         b = len(prompt_list)
         denoiser = self.denoiser(guidance_scale)
         cfg = config if config is not None else ResamplerConfig(k=k, policy=policy, eta=eta)
+        if scorer is not None:
+            from ..scorers.lrm import check_latent_scorer_fits
+
+            table = self.module_table()
+            check_latent_scorer_fits(scorer, table.family, table.cross_attention_dim, f"the model ({self.arch})")
         decode_fn = self.decoder(decode) if (cfg.k > 1 or best_of > 1) else None
         common = dict(generator=g, callback=callback, cancel=cancel, progress=progress)
         if best_of > 1:

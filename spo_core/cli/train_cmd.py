@@ -67,7 +67,7 @@ def with_world_defaults(cfg, args: argparse.Namespace):
     import dataclasses
 
     from ..model_names import is_world
-    from ..training.config import TrainConfig, apply_preset, auto_preset, from_args
+    from ..training.config import SAMPLING_METHODS, TrainConfig, apply_preset, auto_preset, from_args
 
     if not is_world(cfg.model) or cfg.preset:
         return cfg
@@ -76,9 +76,9 @@ def with_world_defaults(cfg, args: argparse.Namespace):
     if args.config:  # the file's settings stay over the preset
         world = TrainConfig.from_file(args.config, world)
         world = from_args(args, world, preset=False)
-    if not world.prompts and not world.prompt_list and world.method in ("spo", "ddpo"):
+    if not world.prompts and not world.prompt_list and world.method in SAMPLING_METHODS:
         world = dataclasses.replace(world, prompts="world")
-    if world.method in ("spo", "ddpo") and world.scorer == "spm" and not world.scorer_weights:
+    if world.method in SAMPLING_METHODS and world.scorer in ("spm", "lrm") and not world.scorer_weights:
         world = dataclasses.replace(world, scorer_weights="world")
     return world
 
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     model_hash = sha256_file(model_path) if model_path.is_file() else None
     host = DiffusersTrainingHost(backend, model_name=model_path.name, model_hash=model_hash)
     scorer = None
-    if resolved.method in ("spo", "ddpo"):
+    if resolved.method in ("spo", "lpo", "ddpo"):
         from ..scorers import load_scorer
 
         scorer = load_scorer(resolved.scorer, resolved.scorer_weights, device=device,

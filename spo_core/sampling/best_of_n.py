@@ -13,7 +13,7 @@ import torch
 from ..errors import ConfigError
 from ..progress import CancelFn, ProgressFn
 from .denoiser import Conditioning, CountingDenoiser, Decoder, Denoiser, repeat_cond
-from .resampler import ResampleResult, StepRecord, _check_scorer, _scores
+from .resampler import ResampleResult, StepRecord, _check_scorer, _scores, is_latent_scorer
 from .samplers import StepCallback, sample_ancestral
 from .schedule import NoiseSchedule, check_sigmas, sigma_space_to_vp
 
@@ -53,11 +53,18 @@ def best_of_n(
     out = sample_ancestral(counter, repeat_cond(cond, n), x_starts, sig, eta=eta, generator=generator, seed=seed,
                            callback=callback, cancel=cancel, progress=progress)
     final_sigma = float(sig[-1])
-    images = decode(sigma_space_to_vp(out.x, final_sigma) if final_sigma > 0 else out.x)
+    final = sigma_space_to_vp(out.x, final_sigma) if final_sigma > 0 else out.x
+    if is_latent_scorer(scorer):  # the final latents, at the timestep of the last step (LPO's convention)
+        images, t_scored, decoded = final, round(float(schedule.timestep(float(sig[-2]))), 4), 0
+    else:
+        if decode is None:
+            raise ConfigError("best-of-N needs a decoder (latents -> images) for a pixel scorer")
+        images, t_scored, decoded = decode(final), 0.0, n * b
     prompts_n = [prompt_list[r % b] for r in range(n * b)] if prompt_list is not None else None
-    scores = _scores(scorer, images, prompts_n, torch.zeros(n * b), n, b)
+    scores = _scores(scorer, images, prompts_n, torch.full((n * b,), t_scored), n, b)
     chosen = scores.argmax(0)
     x = out.x.reshape(n, b, *out.x.shape[1:])[chosen, torch.arange(b)]
-    record = StepRecord(len(sig) - 2, float(sig[-2]), final_sigma, 0.0, pooled=True, t_scored=0.0,
-                        scores=scores, chosen=chosen, steps=len(sig) - 1, evaluations=out.evaluations)
+    record = StepRecord(len(sig) - 2, float(sig[-2]), final_sigma, 0.0, pooled=True, t_scored=t_scored,
+                        scores=scores, chosen=chosen, steps=len(sig) - 1, evaluations=out.evaluations,
+                        decodes=decoded, scorer_rows=n * b)
     return ResampleResult(x, counter.rows - start_rows, counter.calls - start_calls, len(sig) - 1, [record])

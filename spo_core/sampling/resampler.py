@@ -61,6 +61,7 @@ class ResamplerConfig:
     inner_steps: int = 0  # SDXL multi-step SPO: j steps per candidate before scoring
     threshold: float = 0.3  # pairs: keep a pair when p_win - p_lose > threshold (0.3 SD1.5, 0.4 SDXL)
     score_scale: float = 1.0  # pairs: scores are multiplied by this before the 2-way softmax (the scorer's pair_scale)
+    threshold_fn: Callable[[float], float] | None = None  # pairs: the threshold by parent timestep (LPO's dynamic one)
     final_decode: bool = True  # last step ending at sigma > 0: score the candidates themselves at t=0 (SPO)
     keep_images: bool = False  # keep the candidates' decoded x0 in the trace (for the grid)
     image_size: int = 96  # thumbnail size kept per candidate
@@ -120,6 +121,8 @@ class StepRecord:
     images: torch.Tensor | None = None  # [k, B, 3, h, w] uint8 thumbnails (keep_images)
     steps: int = 1  # transitions covered (1 + inner_steps for multi-step segments)
     evaluations: int = 0  # denoiser rows spent in this step (whole batch)
+    decodes: int = 0  # candidate images decoded for scoring (0 with a latent scorer)
+    scorer_rows: int = 0  # candidates scored
 
 
 @dataclass
@@ -166,6 +169,15 @@ class ResampleResult:
     def pooled_evaluations(self) -> int:
         """Denoiser rows spent in pooled steps (candidates, inner steps, and any parent evaluation)."""
         return sum(r.evaluations for r in self.trace if r.pooled)
+
+    @property
+    def decodes(self) -> int:
+        """Candidate images decoded for scoring (the final image's decode is the host's, not counted)."""
+        return sum(r.decodes for r in self.trace)
+
+    @property
+    def scorer_rows(self) -> int:
+        return sum(r.scorer_rows for r in self.trace)
 
 
 def _select(scores: torch.Tensor, policy: str, temperature: float, g: torch.Generator) -> torch.Tensor:
@@ -248,7 +260,8 @@ def resample(
         raise ConfigError(f"conditioning has {cond.batch_size} rows but the batch has {b}")
     pooling = cfg.k > 1
     prompt_list = _check_scorer(scorer, prompts, b) if pooling else None
-    if pooling and decode is None:
+    latent_scoring = pooling and is_latent_scorer(scorer)
+    if pooling and decode is None and not latent_scoring:
         raise ConfigError("the resampler needs a decoder (x0 latents -> images) to score candidates when k > 1")
     counter = denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)
     start_rows, start_calls = counter.rows, counter.calls
@@ -312,13 +325,21 @@ def resample(
             cur, cur_sigma, cur_x0 = nxt, nxt_sigma, None
         end_index = i + 1 + j
         last = end_index == n
-        if cur_sigma == 0:
+        decoded = 0
+        if latent_scoring:  # LPO: the noisy candidates themselves, at the timestep of the step that made them
+            producer = float(sig[end_index - 1])
+            images = sigma_space_to_vp(cur, cur_sigma) if cur_sigma > 0 else cur
+            t_scored = round(float(schedule.timestep(producer)), 4)
+        elif cur_sigma == 0:
             images, t_scored = decode(cur), 0.0
+            decoded = k * b
         elif last and cfg.final_decode:  # final candidates: decode the latents themselves (SPO's last step)
             images, t_scored = decode(sigma_space_to_vp(cur, cur_sigma)), 0.0
+            decoded = k * b
         else:  # one batched call for all k*B candidates; the chosen rows are the next step's evaluation
             cur_x0 = call_denoiser(counter, cur, cur_sigma, cond_k)
             images, t_scored = decode(cur_x0), round(float(schedule.timestep(cur_sigma)), 4)
+            decoded = k * b
         timesteps = torch.full((k * b,), t_scored)
         scores = _scores(scorer, images, prompts_k, timesteps, k, b)
         chosen = _select(scores, cfg.policy, cfg.temperature, g)
@@ -328,9 +349,11 @@ def resample(
         x = cur.reshape(k, b, *x.shape[1:])[chosen, rows]
         x0 = cur_x0.reshape(k, b, *x.shape[1:])[chosen, rows] if cur_x0 is not None else None
         record = StepRecord(i, s, s_next, t, pooled=True, t_scored=t_scored, scores=scores, chosen=chosen, steps=1 + j,
-                            evaluations=counter.rows - step_rows)
-        if cfg.keep_images:
-            thumbs = _thumbs(images, cfg.image_size)
+                            evaluations=counter.rows - step_rows, decodes=decoded, scorer_rows=k * b)
+        if cfg.keep_images and (not latent_scoring or decode is not None):
+            # a latent scorer saw no image: the grid shows the scored latents decoded, for people only
+            shown = images if not latent_scoring else decode(images)
+            thumbs = _thumbs(shown, cfg.image_size)
             record.images = thumbs.reshape(k, b, *thumbs.shape[1:])
         trace.append(record)
         if callback is not None:
@@ -339,6 +362,11 @@ def resample(
         if reporter is not None:
             reporter.update(i, f"step {i}/{n}", score=float(scores.max(0).values.mean()))
     return ResampleResult(x, counter.rows - start_rows, counter.calls - start_calls, n, trace, pairs)
+
+
+def is_latent_scorer(scorer) -> bool:
+    """A scorer that reads the model's latents (LPO's LRM) instead of decoded images."""
+    return getattr(scorer, "input_kind", "pixels") == "latent"
 
 
 def _scores(scorer, images: torch.Tensor, prompts: list[str] | None, timesteps: torch.Tensor, k: int, b: int) -> torch.Tensor:
@@ -369,7 +397,8 @@ def _pairs(chain, scores: torch.Tensor, cfg: ResamplerConfig, k: int, b: int, sc
         if w == l_:
             continue
         sw, sl = float(scores[w, r]), float(scores[l_, r])
-        if pair_gap(sw, sl, cfg.score_scale) <= cfg.threshold:
+        threshold = cfg.threshold if cfg.threshold_fn is None else cfg.threshold_fn(float(schedule.timestep(chain[0][2])))
+        if pair_gap(sw, sl, cfg.score_scale) <= threshold:
             continue
         for parents, children, s, s_next, up in chain:
             if up <= 0:

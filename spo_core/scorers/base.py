@@ -40,6 +40,9 @@ class Scorer(ABC):
     # False for scores on a scale of their own (JPEG kB, aesthetic ratings): SPO training then
     # calibrates its pair threshold from the first sampling round (auto_threshold)
     spo_scale: bool = True
+    # what `score` takes: "pixels" (decoded images [B,3,H,W] in [0,1]) or "latent" (the model's own
+    # latents [B,C,h,w] at a timestep, LPO's latent reward model): samplers skip the decode for latent scorers
+    input_kind: str = "pixels"
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
@@ -51,6 +54,10 @@ class Scorer(ABC):
 
     def score(self, images: torch.Tensor, prompts: str | Sequence[str] | None = None,
               timesteps: torch.Tensor | int | float | None = None) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] != 3:
+            raise InvalidTensorError(
+                f"the {self.name} scorer scores decoded images [B,3,H,W] in [0,1], not {images.shape[1]}-channel latents: "
+                "decode them first, or use a latent scorer (lrm)")
         images = check_images(images)
         b = images.shape[0]
         prompt_list = normalize_prompts(prompts, b, self.needs_prompt, self.name)

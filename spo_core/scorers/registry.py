@@ -18,11 +18,15 @@ from .aesthetic import HINT as AESTHETIC_HINT
 from .base import Scorer, ScorerInfo
 from .clip_scorers import CLIP_HINT, PICKSCORE_HINT
 from .hps import HINT as HPS_HINT
+from .lrm_files import LRM_HINT
 from .spm_model import SPM_HINT
 
 SCORERS: dict[str, ScorerInfo] = {info.name: info for info in (
     ScorerInfo("spm", "SPO's step-aware preference model: PickScore-style score of a predicted-x0 image at timestep t",
                True, SPM_HINT, step_aware=True, differentiable=True, needs_prompt=True),
+    ScorerInfo("lrm", "LPO's latent reward model: scores the noisy latent x_t at its timestep with the diffusion model's "
+               "own UNet encoder, no decoding (exp(logit_scale) * cos)", True, LRM_HINT, step_aware=True, differentiable=True,
+               needs_prompt=True),
     ScorerInfo("pickscore", "PickScore_v1 human-preference score, exp(logit_scale) * cos(image, prompt) (about 18-24)",
                True, PICKSCORE_HINT, step_aware=False, differentiable=True, needs_prompt=True),
     ScorerInfo("hpsv2", "HPS v2 / v2.1 human-preference cosine on open_clip ViT-H-14 (resize-and-pad input)",
@@ -40,6 +44,7 @@ SCORERS: dict[str, ScorerInfo] = {info.name: info for info in (
 
 OPTIONS = {
     "spm": {"tokenizer_path"},
+    "lrm": {"tokenizer_path"},
     "pickscore": {"tokenizer_path"},
     "clip": {"scale", "model_name", "tokenizer_path"},
     "aesthetic": {"clip", "model_name"},
@@ -123,6 +128,10 @@ def _load(name: str, path, device, dtype: torch.dtype, options: dict) -> Scorer:
         from .spm import SPMScorer
 
         return SPMScorer.from_path(path, device=device, dtype=dtype, tokenizer_path=options.get("tokenizer_path"))
+    if name == "lrm":
+        from .lrm import LRMScorer
+
+        return LRMScorer.from_path(path, device=device, dtype=dtype, tokenizer_path=options.get("tokenizer_path"))
     if name == "pickscore":
         from .clip_scorers import PickScoreScorer
 

@@ -18,7 +18,9 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError, FileMissingError
 
-METHODS = ("spo", "diffusion_dpo", "ncp_dpo", "ddpo")
+METHODS = ("spo", "lpo", "diffusion_dpo", "ncp_dpo", "ddpo")
+STEPWISE_METHODS = ("spo", "lpo")  # pairs of transitions from shared states, sampled with the current policy
+SAMPLING_METHODS = ("spo", "lpo", "ddpo")  # train on prompts and a scorer (the others on offline pairs)
 METHOD_ALIASES = {"dpo": "diffusion_dpo", "diffusion-dpo": "diffusion_dpo", "ncp": "ncp_dpo", "ncp-dpo": "ncp_dpo",
                   "mspo": "spo"}
 PRECISIONS = ("no", "fp16", "bf16")
@@ -33,7 +35,8 @@ def _f(default, help: str, group: str = "general", **kw):
 @dataclass
 class TrainConfig:
     # -- what and where ---------------------------------------------------------------------
-    method: str = _f("spo", "spo, diffusion_dpo (alias dpo), ncp_dpo (alias ncp) or ddpo",
+    method: str = _f("spo", "spo, lpo (SPO's loop scored by a latent reward model), diffusion_dpo (alias dpo), "
+                     "ncp_dpo (alias ncp) or ddpo",
                      choices=METHODS + tuple(METHOD_ALIASES))
     preset: str | None = _f(None, "preset applied before the other settings: " + "{presets}")
     output_dir: str = _f("spo_output", "folder for the LoRA, checkpoints, log, curves and validation grids")
@@ -65,6 +68,9 @@ class TrainConfig:
     k: int = _f(4, "SPO pool size: candidates drawn from each shared x_t", "sampling")
     inner_steps: int = _f(0, "SPO multi-step (SDXL form): steps each candidate runs before scoring (3 for SDXL)", "sampling")
     threshold: float = _f(0.3, "SPO: keep a pair when the 2-way softmax gap of its scores exceeds this", "sampling")
+    threshold_max: float | None = _f(None, "SPO/LPO: a dynamic threshold rising from `threshold` at the least noisy step to "
+                                     "this at the noisiest, following the sampler's noise std (LPO: 0.35 -> 0.5 SD1.5, "
+                                     "0.45 -> 0.6 SDXL)", "sampling")
     auto_threshold: bool | None = _f(None, "SPO: calibrate the threshold from the first sampling round (the median pool gap, "
                                      "so half of the pools make pairs); default: only for scorers whose scores are not on "
                                      "SPO's scale (jpeg_*, aesthetic)", "sampling")
@@ -123,9 +129,9 @@ class TrainConfig:
         c = dataclasses.replace(self)
         c.method = METHOD_ALIASES.get(c.method.lower(), c.method.lower())
         if c.beta is None:
-            c.beta = 10.0 if c.method == "spo" else 2500.0
+            c.beta = {"spo": 10.0, "lpo": 500.0}.get(c.method, 2500.0)
         if c.learning_rate is None:
-            c.learning_rate = {"spo": 6e-5, "diffusion_dpo": 1e-5, "ncp_dpo": 5e-6, "ddpo": 3e-4}.get(c.method, 6e-5)
+            c.learning_rate = {"spo": 6e-5, "lpo": 6e-5, "diffusion_dpo": 1e-5, "ncp_dpo": 5e-6, "ddpo": 3e-4}.get(c.method, 6e-5)
         if c.alpha is None:
             c.alpha = float(c.rank)
         c.validate(require_data)
@@ -141,16 +147,18 @@ class TrainConfig:
         for name in ("train_batch_size", "gradient_accumulation", "sample_batch_size", "steps", "rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.method in ("spo", "ddpo"):
+        if self.method in SAMPLING_METHODS:
             if self.eta <= 0:
                 raise ConfigError(
                     f"{self.method} needs stochastic sampling (eta > 0; SPO uses 1.0): with eta = 0 the step has no "
                     "density to train on")
             if require_data and not self.prompts and not self.prompt_list:
                 raise ConfigError(f"{self.method} trains on prompts: give a prompt file (prompts=...) or prompt_list")
-        if self.method == "spo":
+        if self.method in STEPWISE_METHODS:
             if self.k < 2:
-                raise ConfigError(f"SPO needs a pool of k >= 2 candidates per step, got k = {self.k}")
+                raise ConfigError(f"{self.method.upper()} needs a pool of k >= 2 candidates per step, got k = {self.k}")
+            if self.threshold_max is not None and not self.threshold <= self.threshold_max < 1:
+                raise ConfigError(f"threshold_max must be in [threshold, 1), got {self.threshold_max} (threshold {self.threshold})")
             if not 0 <= self.threshold < 1:
                 raise ConfigError(f"threshold must be in [0, 1), got {self.threshold}")
             if not 0 < self.clip_eps < 1:
@@ -254,16 +262,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ddpo": dict(method="ddpo", steps=50, eta=1.0, guidance_scale=5.0, rank=4, alpha=4.0, init="kaiming",
                  learning_rate=3e-4, weight_decay=1e-4, max_grad_norm=1.0, ddpo_clip_range=1e-4, ddpo_adv_clip=5.0,
                  ddpo_buffer_size=32, ddpo_min_count=16, scorer="jpeg_compressibility"),
+    # Kwai-Kolors/LPO: SPO's loop with the latent reward model; every one of the 20 steps, k 4, random
+    # continuation, the sigma-following dynamic threshold, beta 500 (train_lpo.py, configs/, compare_funcs.py)
+    "lpo-sd15": dict(method="lpo", steps=20, eta=1.0, guidance_scale=5.0, k=4, inner_steps=0, threshold=0.35,
+                     threshold_max=0.5, beta=500.0, clip_eps=0.1, rank=4, alpha=4.0, targets="attn", init="gaussian",
+                     learning_rate=6e-5, weight_decay=1e-4, max_grad_norm=1.0, sample_batch_size=5, train_batch_size=10,
+                     min_train_t=0.0, max_train_t=999.0, scorer="lrm", auto_threshold=False, seed=42,
+                     validation_prompts=["A beautiful lake"]),
+    "lpo-sdxl": dict(method="lpo", steps=20, eta=1.0, guidance_scale=5.0, k=4, inner_steps=0, threshold=0.45,
+                     threshold_max=0.6, beta=500.0, clip_eps=0.1, rank=64, alpha=64.0, targets="attn", init="gaussian",
+                     learning_rate=1e-5, weight_decay=1e-4, max_grad_norm=1.0, sample_batch_size=4, train_batch_size=4,
+                     min_train_t=0.0, max_train_t=999.0, scorer="lrm", auto_threshold=False, seed=42,
+                     validation_prompts=["A beautiful lake"]),
     # the embedded world (spo_core.world): measured there (README); its own scorer, weights and prompts.
     # SPO: rounds of 32 prompts, a threshold that a tiny SPM's score gaps pass, beta 100 (SPO's 10 never
     # anchors a tiny model at a learning rate that learns in minutes; 1000 learns a third as fast).
     "spo-world": dict(method="spo", learning_rate=3e-3, rank=8, k=4, sample_batch_size=32, train_batch_size=64,
                       threshold=0.1, beta=100.0, scorer="spm", scorer_weights="world", validation_prompts=["a red circle"]),
+    "lpo-world": dict(method="lpo", learning_rate=3e-3, rank=8, k=4, sample_batch_size=32, train_batch_size=64,
+                      threshold=0.1, beta=100.0, min_train_t=0.0, max_train_t=999.0, scorer="lrm", scorer_weights="world",
+                      auto_threshold=False, validation_prompts=["a red circle"]),
     "diffusion-dpo-world": dict(method="diffusion_dpo", learning_rate=1e-3, rank=8, train_batch_size=16),
     "ncp-dpo-world": dict(method="ncp_dpo", learning_rate=1e-3, rank=8, train_batch_size=16),
     "ddpo-world": dict(method="ddpo", learning_rate=3e-3, rank=8, sample_batch_size=32, train_batch_size=32),
 }
-PRESET_ALIASES = {"sd15": "spo-sd15", "sd1.5": "spo-sd15", "spo": "spo-sd15", "sdxl": "spo-sdxl", "mspo": "spo-sdxl",
+PRESET_ALIASES = {"lpo": "lpo-sd15", "lpo-xl": "lpo-sdxl", "sd15": "spo-sd15", "sd1.5": "spo-sd15", "spo": "spo-sd15", "sdxl": "spo-sdxl", "mspo": "spo-sdxl",
                   "dpo": "diffusion-dpo", "diffusion_dpo": "diffusion-dpo", "ncp": "ncp-dpo", "ncp_dpo": "ncp-dpo"}
 
 
@@ -277,8 +300,8 @@ def auto_preset(method: str, arch: str | None, world: bool = False) -> str | Non
     method = METHOD_ALIASES.get(method, method)
     if world:
         return f"{method.replace('_', '-')}-world"
-    if method == "spo":
-        return "spo-sdxl" if arch and "xl" in arch else "spo-sd15"
+    if method in STEPWISE_METHODS:
+        return f"{method}-sdxl" if arch and "xl" in arch else f"{method}-sd15"
     return {"ddpo": "ddpo", "diffusion_dpo": "diffusion-dpo", "ncp_dpo": "ncp-dpo"}.get(method)
 
 

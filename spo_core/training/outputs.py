@@ -15,6 +15,7 @@ from ..plots import curves_from_records, save_png
 # which values each method's curves show (first panel: the loss)
 CURVE_PANELS = {
     "spo": [["loss"], ["score_margin"], ["implicit_acc"], ["ratio_win", "ratio_lose"]],
+    "lpo": [["loss"], ["score_margin"], ["implicit_acc"], ["ratio_win", "ratio_lose"]],
     "diffusion_dpo": [["loss"], ["implicit_acc"], ["model_mse_w", "model_mse_l"]],
     "ncp_dpo": [["loss"], ["implicit_acc"], ["model_d_w", "model_d_l"]],
     "ddpo": [["loss"], ["reward"], ["approx_kl", "clipfrac"]],

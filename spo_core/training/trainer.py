@@ -27,12 +27,12 @@ from ..errors import Cancelled, ConfigError, InvalidTensorError, OutputExistsErr
 from ..lora.model import LoRA
 from ..progress import CancelFn, ProgressEvent, ProgressFn, Reporter
 from . import checkpoint as ckpt
-from .config import RESUME_ADJUSTABLE, RESUME_SAFE, TrainConfig
+from .config import RESUME_ADJUSTABLE, RESUME_SAFE, SAMPLING_METHODS, STEPWISE_METHODS, TrainConfig
 from .data import LatentPairs, PairRecord, load_pairs, load_prompts
 from .distributed import Distributed
 from .host import TrainingHost
 from .lora_network import LoRANetwork, inject_lora
-from .objectives import OBJECTIVES, DDPOSource, PairSource, SPOSource
+from .objectives import OBJECTIVES, DDPOSource, LPOSource, PairSource, SPOSource
 from .outputs import JsonlLog, lora_metadata, output_paths, save_lora_files, write_curves
 from .run_lock import RunLock
 from .validation import Validator
@@ -169,6 +169,10 @@ class Trainer:
         if resume_from is None:
             self._check_fresh_output()
         table = self.host.module_table()
+        if self.scorer is not None:
+            from ..scorers.lrm import check_latent_scorer_fits
+
+            check_latent_scorer_fits(self.scorer, table.family, table.cross_attention_dim, f"the model ({table.arch})")
         root = self.host.lora_root()
         for p in root.module.parameters():
             self._frozen.append((p, p.requires_grad))
@@ -264,9 +268,10 @@ class Trainer:
 
     def _make_source(self):
         cfg = self.cfg
-        if cfg.method == "spo":
+        if cfg.method in ("spo", "lpo"):
             prompts = self._prompts()
-            return SPOSource(self, prompts, self.scorer), prompts
+            source = LPOSource if cfg.method == "lpo" else SPOSource
+            return source(self, prompts, self.scorer), prompts
         if cfg.method == "ddpo":
             prompts = self._prompts()
             return DDPOSource(self, prompts, self.scorer), prompts
@@ -441,9 +446,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         hints = [f"train_batch_size (now {cfg.train_batch_size}; raise gradient_accumulation to keep the batch)"]
-        if cfg.method in ("spo", "ddpo"):
+        if cfg.method in SAMPLING_METHODS:
             hints.append(f"sample_batch_size (now {cfg.sample_batch_size})")
-        if cfg.method == "spo":
+        if cfg.method in STEPWISE_METHODS:
             hints.append(f"k (now {cfg.k})")
         hints.append(f"the resolution (now {cfg.height or 'model default'}x{cfg.width or 'model default'})")
         if not cfg.gradient_checkpointing:

@@ -14,14 +14,16 @@ from typing import Any
 
 from ..errors import Cancelled, ConfigError, OutputExistsError
 from ..progress import ProgressEvent
+from ..training.config import SAMPLING_METHODS
 from .host import LORA, UIHost, clean_output_name
 from .jobs import Job, JobState, progress_html
 from .tab_score import load_scorer_for, scorer_inputs
 from .widgets import display_image, g_update, gr, run_job_handler, status_box
 
-METHODS = ["spo", "ddpo", "diffusion_dpo", "ncp_dpo"]
-PRESET_CHOICES = ["auto", "spo-sd15", "spo-sdxl", "ddpo", "diffusion-dpo", "ncp-dpo"]
-SHOWN_CURVES = {"spo": [["loss"], ["score_margin"], ["implicit_acc"]], "ddpo": [["loss"], ["reward"]],
+METHODS = ["spo", "lpo", "ddpo", "diffusion_dpo", "ncp_dpo"]
+PRESET_CHOICES = ["auto", "spo-sd15", "spo-sdxl", "lpo-sd15", "lpo-sdxl", "ddpo", "diffusion-dpo", "ncp-dpo"]
+SHOWN_CURVES = {"spo": [["loss"], ["score_margin"], ["implicit_acc"]], "lpo": [["loss"], ["score_margin"], ["implicit_acc"]],
+                "ddpo": [["loss"], ["reward"]],
                 "diffusion_dpo": [["loss"], ["implicit_acc"]], "ncp_dpo": [["loss"], ["implicit_acc"]]}
 
 
@@ -105,7 +107,7 @@ def build_config(form: TrainForm, arch: str | None, output_dir: Path, host_dtype
         cfg.beta = float(form.beta)
     if form.size:
         cfg.height = cfg.width = int(form.size)
-    if method in ("spo", "ddpo"):
+    if method in SAMPLING_METHODS:
         prompts = form.prompt_list()
         if form.prompts_file:
             cfg.prompts = str(form.prompts_file)
@@ -150,7 +152,7 @@ def run_training(host: UIHost, form: TrainForm, job: Job | None = None) -> dict[
     if final.exists() and not (cfg.overwrite or form.resume):
         raise OutputExistsError(f"{final} exists: choose another output name, tick overwrite, or tick resume")
     scorer = None
-    if cfg.method in ("spo", "ddpo"):
+    if cfg.method in SAMPLING_METHODS:
         if progress:
             progress(ProgressEvent("setup", 0, cfg.max_steps, f"loading the {cfg.scorer} scorer"))
         scorer = load_scorer_for(host, cfg.scorer, cfg.scorer_weights)
@@ -275,7 +277,7 @@ def build_train_tab(host: UIHost) -> None:
                 clean_output_name(form.output_name)
                 if form.max_steps < 1:
                     raise ConfigError("training steps must be at least 1")
-                if form.method in ("spo", "ddpo"):
+                if form.method in SAMPLING_METHODS:
                     if not form.prompt_list() and not form.prompts_file:
                         raise ConfigError("the prompt list is empty: type prompts (one per line) or upload a prompt file")
                     from ..scorers import SCORERS
@@ -283,8 +285,9 @@ def build_train_tab(host: UIHost) -> None:
                     from ..model_names import is_world
 
                     info = SCORERS.get(form.scorer)
-                    if is_world(form.model or getattr(host, "model_path", None)) and form.scorer == "spm" and not weights_:
-                        form.scorer_weights = "world"  # the world's own step-aware preference model
+                    if is_world(form.model or getattr(host, "model_path", None)) and form.scorer in ("spm", "lrm") \
+                            and not weights_:
+                        form.scorer_weights = "world"  # the world's own step-aware preference / latent reward model
                     elif info is not None and info.needs_weights:
                         form.scorer_weights = str(host.resolve_input("scorer", weights_, f"weights for the {form.scorer} scorer"))
                 return lambda job: run_training(host, form, job)

@@ -129,6 +129,17 @@ def load_scorer(options: SPOOptions, device: torch.device) -> Any:
     return SCORERS.get(options.scorer, str(path) if path else None, device=device, dtype=dtype)
 
 
+def check_scorer_fits(scorer: Any, sd_model: Any) -> None:
+    """A latent reward model must be made for the loaded checkpoint's architecture (refused naming both)."""
+    from spo_core.scorers.lrm import check_latent_scorer_fits
+
+    from .host import model_arch_of
+
+    arch = model_arch_of(sd_model)
+    dims = {"sd15": 768, "sd2": 1024, "sdxl": 2048}
+    check_latent_scorer_fits(scorer, "sdxl" if arch == "sdxl" else "sd1", dims.get(arch), f"the loaded checkpoint ({arch})")
+
+
 def host_noise(p: Any) -> Callable[[], torch.Tensor] | None:
     """The WebUI's own per-step noise (`p.rng.next()`, what Euler a draws through its TorchHijack),
     so that k = 1 is the stock Euler a image for image, and the first candidate follows the seeds."""
@@ -156,7 +167,9 @@ def sample_spo(model, x, sigmas, extra_args=None, callback=None, disable=None, e
         from modules import devices, shared
 
         scorer = load_scorer(options, torch.device(devices.device))
-        decode = webui_decoder(getattr(p, "sd_model", None) or shared.sd_model)
+        sd_model = getattr(p, "sd_model", None) or shared.sd_model
+        check_scorer_fits(scorer, sd_model)
+        decode = webui_decoder(sd_model)
 
     def step_callback(info):
         if callback is not None:

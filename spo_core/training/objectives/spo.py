@@ -152,6 +152,11 @@ class SPOSource:
             k=cfg.k, policy="pairs", eta=cfg.eta, window=(cfg.min_train_t, cfg.max_train_t), inner_steps=cfg.inner_steps,
             threshold=0.0 if auto else cfg.threshold, score_scale=float(getattr(scorer, "pair_scale", 1.0)),
             final_decode=True)
+        if cfg.threshold_max is not None and not auto:
+            from .lpo import dynamic_threshold, noise_std_by_timestep
+
+            stds = noise_std_by_timestep(ctx.sigmas, ctx.host.schedule, cfg.eta)
+            self.resampler_config.threshold_fn = dynamic_threshold(stds, cfg.threshold, cfg.threshold_max)
 
     # -- data -----------------------------------------------------------------------------------
     def next_batch(self, n: int) -> Batch:
