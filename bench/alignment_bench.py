@@ -7,7 +7,9 @@ On held-out prompts (object pairs never seen together in training), every arm st
 same initial noise, compute counted as UNet image-evaluations (every forward's batch rows; CFG
 counts 2 per image; sampling, scoring rollouts and training forwards alike):
 
-1. training: SPO (learning from the shipped step-aware preference model) vs Diffusion-DPO and
+1. training: SPO (learning from the shipped step-aware preference model) vs LPO (from the shipped latent
+   reward model; its encoder passes counted beside, and the wall-clock training time of every method
+   recorded, cumulative over stages, for LPO's speed claim) vs Diffusion-DPO and
    NCP-DPO (offline pairs of base samples labelled by the ground truth; their sampling counted)
    vs DDPO (ground-truth reward). Each run is evaluated after every stage of optimizer steps
    (resumed from its checkpoint), giving GT against evaluations spent;
@@ -36,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spo_core.plots import save_png  # noqa: E402
 from spo_core.scorers.spm import SPMScorer  # noqa: E402
 from spo_core.world.demo import (WORLD_TRAIN_SETTINGS, DemoConfig, UNetCounter, _fresh_backend,  # noqa: E402
-                                 _merged_backend, heldout_eval_set, paired_comparison, sample_arm, train_lora)
+                                 _merged_backend, heldout_eval_set, paired_comparison, sample_arm, train_lora,
+                                 world_scorer)
 from spo_core.world.gt_scorer import WorldGroundTruthScorer  # noqa: E402
 from spo_core.world.train_spm import SPM_PATH  # noqa: E402
 
@@ -84,7 +87,7 @@ def main() -> None:
                    help="other stages for one method, e.g. ddpo=10,20,35 to spend about the same evaluations as SPO")
     p.add_argument("--eval-prompts", type=int, default=48)
     p.add_argument("--methods", default="spo,diffusion_dpo,ncp_dpo,ddpo",
-                   help="any of spo, diffusion_dpo, ncp_dpo, ddpo, and spo_oracle (SPO with the ground truth as step scorer)")
+                   help="any of spo, lpo, diffusion_dpo, ncp_dpo, ddpo, and spo_oracle (SPO with the ground truth as step scorer)")
     p.add_argument("--method-settings", action="append", default=[], metavar="METHOD=JSON",
                    help='training settings over WORLD_TRAIN_SETTINGS for one method, e.g. spo_oracle={"beta": 10}')
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -111,7 +114,7 @@ def main() -> None:
 
     training: dict[str, list[dict]] = {}
     for method in [m for m in args.methods.split(",") if m]:
-        spent = [0]
+        spent, seconds, lrm_spent = [0], [0.0], [0]
         training[method] = []
         # spo_oracle: SPO with the exact ground truth as its step scorer (GT is in [0, 1], so its
         # softmax gaps are small: threshold 0.01), the bound on what a better SPM could give here
@@ -121,15 +124,23 @@ def main() -> None:
             cfg = DemoConfig(out=args.work / method, method="spo" if oracle else method, train_steps=steps,
                              eval_prompts=args.eval_prompts, overrides=overrides)
             t = time.perf_counter()
-            result = train_lora(cfg, WorldGroundTruthScorer() if oracle else scorer, counter=spent, resume=i > 0)
+            learner = WorldGroundTruthScorer() if oracle else world_scorer(method, scorer)
+            lrm_rows = UNetCounter(learner.model.unet) if method == "lpo" else None
+            result = train_lora(cfg, learner, counter=spent, resume=i > 0)
+            seconds[0] += time.perf_counter() - t
+            if lrm_rows is not None:
+                lrm_spent[0] += lrm_rows.rows
+                lrm_rows.close()
             arm = sample_arm(method, _merged_backend(result.lora_path), pairs)
-            row = {"steps": result.steps, "unet_evaluations": spent[0], "train_seconds": time.perf_counter() - t,
+            row = {"steps": result.steps, "unet_evaluations": spent[0], "train_seconds": round(seconds[0], 1),
                    **arm.stats.as_dict(), "vs_base": paired_comparison(arm.gt, plain.gt)}
+            if method == "lpo":  # the LRM's encoder passes (CFG: 2 rows per candidate), beside the UNet's
+                row["lrm_encoder_evaluations"] = lrm_spent[0]
             training[method].append(row)
             print(f"{method} @ {steps} steps, {spent[0]:,} UNet evaluations: GT {arm.stats.mean:.3f} | vs base "
                   f"{row['vs_base']['mean_delta']:+.3f} (95% CI {row['vs_base']['ci95'][0]:+.3f} .. {row['vs_base']['ci95'][1]:+.3f}), "
                   f"higher on {row['vs_base']['beats']:.0%}, better by > 0.01 on {row['vs_base']['win']:.0%} | "
-                  f"{row['train_seconds']:.0f}s",
+                  f"{row['train_seconds']:.0f}s of training so far",
                   flush=True)
 
     sampling, gts = {}, {}

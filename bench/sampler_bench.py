@@ -15,7 +15,15 @@ Models: "tiny" (spo_core.testing's ~2M-parameter SD1.5-shaped pipeline, 16x16 la
 "sd15" (the real SD1.5 UNet config with random weights; 16x16 latents = 128 px on CPU, or
 --sd15-latent 64 = 512 px on a GPU).
 
-    python bench/sampler_bench.py [--models tiny,sd15] [--ks 2,4,8] [--threads 1]
+`--scoring` adds the cost of real scoring at SD1.5 size, one pooled k-candidate step each (the
+same UNet, the same latents), all random weights at real sizes:
+- "pixel": SPO's way, every candidate's predicted x0 (one batched CFG pass) decoded with SD1.5's
+  full VAE and scored by an SPM of CLIP-H/14 size;
+- "lrm": LPO's way, the noisy candidates scored as latents by an SD1.5-size latent reward model
+  (the UNet's encoder with CFG on the mid feature), no x0 pass, no decode.
+Target (issue 16): the LRM step costs at most 0.5x the pixel step.
+
+    python bench/sampler_bench.py [--models tiny,sd15] [--ks 2,4,8] [--threads 1] [--scoring]
                                   [--device cpu|cuda] [--dtype fp32|fp16] [--out bench/results/sampler_bench.json]
 """
 
@@ -139,6 +147,63 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
             "image_px": px, "steps": steps, "batch": batch, "guidance": 5.0, "runs": rows}
 
 
+def bench_scoring(args, device: torch.device, dtype: torch.dtype, k: int = 4) -> dict:
+    """One pooled k-candidate step, SD1.5 size: SPM-H on VAE-decoded x0 vs the latent reward model."""
+    import diffusers
+
+    from spo_core.scorers.clip_torch import clip_h14_config
+    from spo_core.scorers.lrm import LRMScorer
+    from spo_core.scorers.lrm_model import lrm_from_diffusion_model
+    from spo_core.scorers.spm import SPMScorer
+    from spo_core.scorers.spm_model import StepAwarePreferenceModel
+    from spo_core.testing import real_config
+
+    pipe = sd15_size_pipeline(device, dtype)
+    torch.manual_seed(3)
+    pipe.vae = diffusers.AutoencoderKL.from_config(real_config("sd15", "vae")).to(device, dtype)
+    backend = DiffusersBackend.from_pipeline(pipe)
+    torch.manual_seed(4)
+    spm = SPMScorer(StepAwarePreferenceModel(clip_h14_config()), device=device, dtype=dtype)
+    lrm = LRMScorer(lrm_from_diffusion_model(pipe.unet, pipe.text_encoder), device=device, dtype=dtype)
+    latent, batch = args.sd15_latent, args.batch
+    cond = backend.encode_prompts(["a photo of a lake"] * batch)
+    sig = backend.schedule.spo_sigmas(20)
+    window = (float(backend.schedule.timestep(sig[9])) - 1, float(backend.schedule.timestep(sig[9])) + 1)  # pool one mid step
+    sigmas = sig[9:12]  # three steps, the first pooled; the next step's evaluation is charged to it
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(batch, 4, latent, latent, generator=g) * (1 + float(sigmas[0]) ** 2) ** 0.5).to(device)
+    rows = {}
+    for name, scorer in (("pixel", spm), ("lrm", lrm)):
+        cfg = ResamplerConfig(k=k, policy="greedy", window=window)
+        resample(backend.denoiser(5.0), cond, x, sigmas[:2], backend.schedule, scorer, backend.decode, ["a lake"] * batch,
+                 ResamplerConfig(k=k, policy="greedy", window=(0, 999)), seed=0)  # warm-up
+        best = None
+        for _ in range(max(1, args.scoring_repeats)):
+            stamps = []
+            sync(device)
+            t0 = time.perf_counter()
+
+            def on_step(info):
+                sync(device)
+                stamps.append(time.perf_counter())
+
+            res = resample(backend.denoiser(5.0), cond, x, sigmas, backend.schedule, scorer, backend.decode,
+                           ["a lake"] * batch, cfg, seed=0, callback=on_step)
+            # the pooled step plus the next step, whose evaluation the pixel way already made inside its pool
+            wall = stamps[1] - t0
+            if best is None or wall < best[0]:
+                best = (wall, res)
+        wall, res = best
+        rows[name] = {"pooled_plus_next_step_s": round(wall, 3), "decodes": res.decodes,
+                      "denoiser_rows": res.trace[0].evaluations + res.trace[1].evaluations, "scorer_rows": res.scorer_rows}
+        print(f"[scoring] {name}: {wall:.2f} s for the pooled step + the next, {res.decodes} decodes", flush=True)
+    ratio = rows["lrm"]["pooled_plus_next_step_s"] / rows["pixel"]["pooled_plus_next_step_s"]
+    del pipe, backend, spm, lrm
+    return {"k": k, "latent": [4, latent, latent], "batch": batch, "rows": rows, "lrm_over_pixel": round(ratio, 3),
+            "target": 0.5, "meets_target": ratio <= 0.5,
+            "scorers": {"pixel": "SPM, CLIP-H/14 size (random), on SD1.5-VAE-decoded x0", "lrm": "SD1.5-size LRM (random)"}}
+
+
 def print_table(models: list[dict]) -> None:
     print(f"\n{'model':<6} {'k':>2} {'wall s':>9} {'ratio':>6} {'step ratio':>10} {'target':>6} {'evals/step':>10}  per-step evals")
     for m in models:
@@ -161,6 +226,8 @@ def main() -> None:
     ap.add_argument("--tiny-steps", type=int, default=10)
     ap.add_argument("--sd15-latent", type=int, default=16, help="latent side: 16 = 128 px (CPU), 64 = 512 px (GPU)")
     ap.add_argument("--sd15-steps", type=int, default=3)
+    ap.add_argument("--scoring", action="store_true", help="also: one pooled k=4 step with SPM-H + VAE vs the LRM")
+    ap.add_argument("--scoring-repeats", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sampler_bench.json"))
     args = ap.parse_args()
     args.ks = [int(k) for k in args.ks.split(",") if k]
@@ -171,13 +238,16 @@ def main() -> None:
     started = time.perf_counter()
     models = [bench_model(name, args, device, dtype) for name in args.models.split(",") if name]
     print_table(models)
+    scoring = bench_scoring(args, device, dtype) if args.scoring else None
+    if scoring:
+        print(f"LRM step / pixel step (SPM-H + VAE): {scoring['lrm_over_pixel']:.3f} (target <= 0.5)")
     out = {
         "bench": "sampler", "device": str(device), "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
                     "load_average_at_end": list(os.getloadavg())},
         "decoder": "latent->RGB (LatentRGBDecoder)", "scorer": "mean brightness (stand-in)",
-        "total_s": round(time.perf_counter() - started, 1), "models": models,
+        "total_s": round(time.perf_counter() - started, 1), "models": models, "scoring": scoring,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".json.tmp")

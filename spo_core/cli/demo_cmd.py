@@ -2,7 +2,7 @@
 
     spo demo                 # ~5 min on 2 CPU cores: base -> SPO LoRA -> resampler, measured
     spo demo --quick         # under 3 min: the same path, smaller
-    spo demo --method ddpo   # or diffusion_dpo, ncp_dpo
+    spo demo --method ddpo   # or lpo, diffusion_dpo, ncp_dpo
 
 Writes OUT/before_after.png, OUT/train/ (the LoRA in webui/kohya format, curves, log),
 OUT/report.json and OUT/report.md, and prints the report.
@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="the CI-sized run (under 3 min on 2 cores)")
     p.add_argument("--output-dir", dest="output_dir", default="spo_demo", help="output folder (default: spo_demo)")
     alias(p, "--out", dest="output_dir")
-    p.add_argument("--method", default="spo", choices=["spo", "diffusion_dpo", "ncp_dpo", "ddpo"])
+    p.add_argument("--method", default="spo", choices=["spo", "lpo", "diffusion_dpo", "ncp_dpo", "ddpo"],
+                   help="what to train (lpo learns from the world's latent reward model, the others from its SPM or GT)")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="training steps (default: 60; --quick: 32)")
     alias(p, "--steps", dest="max_steps", type=int)
     p.add_argument("--eval-prompts", type=int, help="held-out prompts evaluated, 2 seeds each (default: 48; --quick: 24)")

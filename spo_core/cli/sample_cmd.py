@@ -30,8 +30,17 @@ def register(sub) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--k", type=int, default=4, help="candidates per step (1 = plain sampling)")
-    p.add_argument("--policy", choices=["greedy", "softmax", "random"], default="greedy")
+    p.add_argument("--policy", choices=["greedy", "softmax", "random", "fk"], default="greedy",
+                   help="greedy/softmax/random: one chain, k candidates per pooled step; fk: Feynman-Kac steering, "
+                        "a population of --particles particles resampled by their rewards")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax policy: temperature (1/lambda)")
+    fk = p.add_argument_group("fk (Feynman-Kac particles)")
+    fk.add_argument("--particles", type=int, help="particles per prompt (sets --policy fk and --k)")
+    fk.add_argument("--potential", choices=["max", "diff", "add", "rt"], default="max", help="the potential of the rewards")
+    fk.add_argument("--lam", type=float, default=10.0, help="lambda: how strongly rewards weigh (> 0)")
+    fk.add_argument("--resample-every", type=int, help="resample every n-th step inside the window (default: "
+                                                         "--score-every); always at the last step")
+    fk.add_argument("--adaptive", action="store_true", help="resample only when the effective sample size < N/2")
     p.add_argument("--window", default="0:751", help="parent timesteps where pools are drawn, LO:HI (SPO: 0:751)")
     p.add_argument("--score-every", type=int, default=1, help="pool every n-th step inside the window")
     p.add_argument("--inner-steps", type=int, default=0, help="multi-step segments: j steps per candidate before scoring")
@@ -91,13 +100,20 @@ def _sample(args: argparse.Namespace) -> int:
     from ..sampling import ResamplerConfig
 
     args.scorer, args.scorer_weights = default_world_scorer(args.model, args.scorer, args.scorer_weights)
+    if args.particles is not None:
+        args.policy, args.k = "fk", args.particles
+    if args.policy == "fk" and args.k < 2:
+        raise ConfigError(f"FK steering with {args.k} particle is plain sampling: use --particles 2 or more, or --k 1 "
+                          "without --policy fk")
     window = parse_window(args.window)
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
     pooled = args.k > 1 or args.best_of > 1
-    config = ResamplerConfig(k=args.k if args.best_of <= 1 else 1, policy=args.policy, eta=args.eta,
-                             temperature=args.temperature, window=window, score_every=args.score_every,
-                             inner_steps=args.inner_steps, keep_images=bool(args.trace))
+    config = ResamplerConfig(k=args.k if args.best_of <= 1 else 1, policy=args.policy if args.best_of <= 1 else "greedy",
+                             eta=args.eta, temperature=args.temperature, window=window,
+                             score_every=args.resample_every or args.score_every if args.policy == "fk" else args.score_every,
+                             inner_steps=args.inner_steps, keep_images=bool(args.trace), potential=args.potential,
+                             lam=args.lam, adaptive=args.adaptive)
     config.validate()  # eta = 0 with k > 1 and the like: say so before loading the model
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {args.num_images}")
@@ -136,17 +152,24 @@ def _sample(args: argparse.Namespace) -> int:
     steps = len(out.sigmas) - 1
     if args.best_of > 1:
         how = f"best of {args.best_of} full samples per image"
+    elif args.policy == "fk":
+        st = res.particle_stats
+        resampled = sum(int(e.resampled.sum()) for e in st.events)
+        how = (f"FK steering with {args.k} particles ({args.potential}, lambda {args.lam:g}): {len(st.events)} weighting "
+               f"steps, {resampled} resamplings" + (f", {st.nan_rewards} NaN rewards weighted 0" if st.nan_rewards else ""))
     elif args.k > 1:
         how = f"{res.pooled_steps} pooled with k = {args.k}"
     else:
         how = "plain sampling"
-    print(f"wrote {', '.join(paths)}: {steps} steps, {how}, "
-          f"{res.evaluations} denoiser evaluations ({res.evaluations / args.num_images / steps:.2f} per image-step)")
+    per_image = args.num_images
+    print(f"wrote {', '.join(paths)}: {steps} steps, {how}; per image: {res.evaluations / per_image:.0f} denoiser "
+          f"evaluations ({res.evaluations / per_image / steps:.2f} per step), {res.decodes / per_image:.0f} decodes, "
+          f"{res.scorer_rows / per_image:.0f} scorer rows")
     if args.trace:
         from ..safe_io import atomic_output
-        from ..sampling.trace import render_trace_grid
+        from ..sampling.trace import render_grid
 
-        grid = render_trace_grid(res, 0, title=args.prompt)
+        grid = render_grid(res, 0, title=args.prompt)
         with atomic_output(args.trace, overwrite=args.overwrite, suffix=".png") as tmp:
             grid.save(tmp, format="PNG")
         print(f"wrote the candidate grid to {args.trace}")

@@ -9,12 +9,13 @@ from .samplers import SampleResult, StepInfo, Transition, sample_ancestral
 from .schedule import (NoiseSchedule, alpha_bar_from_sigma, check_sigmas, sigma_from_alpha_bar, sigma_space_to_vp,
                        vp_to_sigma_space)
 from .step import ancestral_mean, ancestral_sigmas, ancestral_step, transition_log_prob
-from .trace import render_trace_grid
+from .particles import POTENTIALS, fk_sample
+from .trace import render_grid, render_particle_grid, render_trace_grid
 
 __all__ = [
     "Conditioning", "CountingDenoiser", "Decoder", "Denoiser", "LatentRGBDecoder", "NoiseSchedule", "POLICIES",
     "ResampleResult", "ResamplerConfig", "SPO_THRESHOLDS", "SPO_WINDOW", "SampleResult", "StepInfo", "StepRecord", "TensorConditioning",
     "Transition", "TransitionPair", "alpha_bar_from_sigma", "ancestral_mean", "ancestral_sigmas", "ancestral_step",
-    "best_of_n", "call_denoiser", "check_sigmas", "render_trace_grid", "repeat_cond", "resample", "sample_ancestral",
+    "best_of_n", "call_denoiser", "POTENTIALS", "fk_sample", "render_grid", "render_particle_grid", "check_sigmas", "render_trace_grid", "repeat_cond", "resample", "sample_ancestral",
     "sigma_from_alpha_bar", "sigma_space_to_vp", "transition_log_prob", "vp_to_sigma_space",
 ]

@@ -40,7 +40,7 @@ from .samplers import StepCallback, StepInfo, make_generator, randn_like
 from .schedule import NoiseSchedule, check_sigmas, sigma_space_to_vp
 from .step import ancestral_mean, ancestral_sigmas
 
-POLICIES = ("greedy", "random", "softmax", "pairs")
+POLICIES = ("greedy", "random", "softmax", "pairs", "fk")
 
 # SPO's first trained transition starts at t = 751 (divert_start_step = 4 of 20 leading DDIM steps);
 # the paper calls the range "t <= 750".
@@ -62,6 +62,11 @@ class ResamplerConfig:
     threshold: float = 0.3  # pairs: keep a pair when p_win - p_lose > threshold (0.3 SD1.5, 0.4 SDXL)
     score_scale: float = 1.0  # pairs: scores are multiplied by this before the 2-way softmax (the scorer's pair_scale)
     threshold_fn: Callable[[float], float] | None = None  # pairs: the threshold by parent timestep (LPO's dynamic one)
+    # fk (Feynman-Kac particles, spo_core.sampling.particles): k is the number of particles per prompt,
+    # score_every the resampling interval inside the window
+    potential: str = "max"
+    lam: float = 10.0
+    adaptive: bool = False
     final_decode: bool = True  # last step ending at sigma > 0: score the candidates themselves at t=0 (SPO)
     keep_images: bool = False  # keep the candidates' decoded x0 in the trace (for the grid)
     image_size: int = 96  # thumbnail size kept per candidate
@@ -82,6 +87,10 @@ class ResamplerConfig:
             raise ConfigError(f"k must be at least 1, got {self.k}")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.policy == "fk":
+            from .particles import check_particle_config
+
+            check_particle_config(self, 0)
         if self.eta < 0:
             raise ConfigError(f"eta must be >= 0, got {self.eta}")
         if self.eta == 0 and self.k > 1:
@@ -123,6 +132,7 @@ class StepRecord:
     evaluations: int = 0  # denoiser rows spent in this step (whole batch)
     decodes: int = 0  # candidate images decoded for scoring (0 with a latent scorer)
     scorer_rows: int = 0  # candidates scored
+    particles: object = None  # fk: the resampling event (rewards, weights, ESS, ancestors)
 
 
 @dataclass
@@ -156,6 +166,7 @@ class ResampleResult:
     steps: int
     trace: list[StepRecord] = field(default_factory=list)
     pairs: list[TransitionPair] = field(default_factory=list)
+    particle_stats: object = None  # fk: ParticleRunStats (events, resampling overhead, NaN rewards)
 
     @property
     def pooled_steps(self) -> int:
@@ -258,6 +269,11 @@ def resample(
     b = x.shape[0]
     if cond.batch_size != b:
         raise ConfigError(f"conditioning has {cond.batch_size} rows but the batch has {b}")
+    if cfg.policy == "fk":
+        from .particles import fk_sample
+
+        return fk_sample(denoiser, cond, x, sig, schedule, scorer, decode, prompts, cfg, make_generator(generator, seed),
+                         callback, cancel, progress)
     pooling = cfg.k > 1
     prompt_list = _check_scorer(scorer, prompts, b) if pooling else None
     latent_scoring = pooling and is_latent_scorer(scorer)

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError, FileMissingError
 from ..progress import ProgressFn
-from ..training.config import PRESETS, auto_preset
+from ..training.config import PRESETS, SAMPLING_METHODS, auto_preset
 from .dataset import heldout_eval_set, train_prompts
 from .evaluate import GTStats, gt_stats
 from .preference import ground_truth
@@ -73,7 +73,7 @@ class DemoConfig:
 WORLD_TRAIN_SETTINGS = {
     method: {k: v for k, v in PRESETS[auto_preset(method, None, world=True)].items()
              if k not in ("method", "scorer", "scorer_weights", "validation_prompts")}
-    for method in ("spo", "diffusion_dpo", "ncp_dpo", "ddpo")
+    for method in ("spo", "lpo", "diffusion_dpo", "ncp_dpo", "ddpo")
 }
 
 
@@ -194,7 +194,8 @@ def train_lora(cfg: DemoConfig, scorer, progress: ProgressFn | None = None, canc
                resume: bool = False):
     """Train the LoRA on the base model through the shared trainer; returns its TrainResult.
 
-    SPO learns from `scorer` (the shipped SPM); DDPO's reward and the DPO methods' pair labels
+    SPO learns from `scorer` (the shipped SPM), LPO from the shipped latent reward model (`world_scorer`
+    gives each method its own); DDPO's reward and the DPO methods' pair labels
     are the exact ground truth (`WorldGroundTruthScorer`). UNet evaluations spent (including the
     DPO methods' offline pair sampling) are added to `counter[0]` when given."""
     from ..training import DiffusersTrainingHost, train
@@ -225,12 +226,25 @@ def train_lora(cfg: DemoConfig, scorer, progress: ProgressFn | None = None, canc
                 _DPO_PAIRS[key] = (pairs, count.rows - before)
         reward = WorldGroundTruthScorer() if cfg.method == "ddpo" else scorer
         host = DiffusersTrainingHost(backend, model_name="spo-world-base")
-        return train(tc, host, reward if cfg.method in ("spo", "ddpo") else None, prompts=chosen, pairs=pairs,
+        return train(tc, host, reward if cfg.method in SAMPLING_METHODS else None, prompts=chosen, pairs=pairs,
                      progress=progress, cancel=cancel)
     finally:
         count.close()
         if counter is not None:
             counter[0] += count.rows
+
+
+def world_scorer(method: str, spm):
+    """The scorer a method learns from on the world: LPO the shipped latent reward model, the others the SPM."""
+    if method != "lpo":
+        return spm
+    from ..model_names import WORLD_LRM
+    from ..scorers import load_scorer
+
+    if not WORLD_LRM.is_file():
+        raise FileMissingError(f"the embedded world's latent reward model is missing ({WORLD_LRM}); rebuild it with "
+                               "python -m spo_core.world.train_lrm")
+    return load_scorer("lrm", str(WORLD_LRM))
 
 
 def preference_pairs_for_dpo(pipe, prompts: Sequence[str], seed: int, progress: ProgressFn | None = None):
@@ -280,7 +294,7 @@ def run_demo(cfg: DemoConfig, progress: ProgressFn | None = None, cancel=None) -
     log.info("base: %s", arms[0].stats.line())
 
     t0 = time.perf_counter()
-    result = train_lora(cfg, scorer, progress, cancel)
+    result = train_lora(cfg, world_scorer(cfg.method, scorer), progress, cancel)
     train_s = time.perf_counter() - t0
 
     tuned = _merged_backend(result.lora_path)
