@@ -110,7 +110,7 @@ class ResamplerTrace:
 
     def grid_images(self, cell: int = 96) -> torch.Tensor:
         """One grid per batch row (pooled steps down, candidates across, the kept one outlined) as an IMAGE."""
-        from spo_core.sampling.trace import render_trace_grid
+        from spo_core.sampling.trace import render_grid
 
         from .host import pil_to_image
 
@@ -120,7 +120,7 @@ class ResamplerTrace:
             raise ConfigError("no candidate pools were recorded: run the sampler with k > 1 and a step window that "
                               "contains some of its steps before making the grid")
         batch = next(r.images.shape[1] for r in result.trace if r.pooled and r.images is not None)
-        grids = [pil_to_image(render_trace_grid(result, b, cell=cell, title=(self.prompt or None))) for b in range(batch)]
+        grids = [pil_to_image(render_grid(result, b, cell=cell, title=(self.prompt or None))) for b in range(batch)]
         return torch.cat(grids, dim=0)
 
 

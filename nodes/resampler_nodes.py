@@ -1,10 +1,10 @@
-"""The per-step resampler in ComfyUI: a SAMPLER for SamplerCustom / SamplerCustomAdvanced,
-a MODEL patch that makes the stock KSampler use it, and the candidate grid."""
+"""The per-step resampler and FK steering in ComfyUI: SAMPLERs for SamplerCustom /
+SamplerCustomAdvanced, MODEL patches that make the stock KSampler use them, and the grid."""
 
 from __future__ import annotations
 
 from spo_core.errors import ConfigError
-from spo_core.sampling import SPO_WINDOW, ResamplerConfig
+from spo_core.sampling import POTENTIALS, SPO_WINDOW, ResamplerConfig
 
 from .comfy_sampling import ResamplerOptions, ResamplerTrace, sampler_sample_wrapper, spo_ksampler
 from .scorer_nodes import SCORER_TYPE
@@ -49,6 +49,69 @@ def _options(scorer, vae, prompt: str, k: int, policy: str, eta: float, window_t
     return ResamplerOptions(config=config, scorer=scorer, vae=vae, prompt=prompt or "", trace=ResamplerTrace())
 
 
+def _fk_inputs() -> list[In]:
+    return [
+        In("scorer", SCORER_TYPE, "Rewards the particles (pixel scorers see each particle's decoded x0 prediction, "
+           "latent scorers (lrm) its latents)."),
+        In("vae", "VAE", "Decodes the particles' predicted x0 for a pixel scorer (a TAESD VAE is faster)."),
+        In("prompt", "STRING", "The prompt text for the scorer (conditioning carries no text).", multiline=True, default=""),
+        In("particles", "INT", "Particles per image: the population, sampled as one batch (N times the work of one "
+           "image, as best-of-N).", default=4, min=2, max=64, step=1),
+        In("potential", "COMBO", "How rewards weigh: max (the best reward so far), diff (its change), add (the sum), "
+           "rt (the current one).", options=list(POTENTIALS), default="max"),
+        In("lam", "FLOAT", "lambda: how strongly rewards weigh (higher = greedier).", default=10.0, min=0.001, max=1000.0,
+           step=0.1),
+        In("eta", "FLOAT", "Noise of each step (DDIM eta; 1 = ancestral). Must be > 0.", default=1.0, min=0.01, max=1.0,
+           step=0.01),
+        In("window_t_min", "INT", "Resample at steps whose DDPM timestep t is in [min, max] (and always at the last step).",
+           default=0, min=0, max=999, step=1),
+        In("window_t_max", "INT", "Upper end of the resampling window.", default=999, min=0, max=999, step=1),
+        In("resample_every", "INT", "Resample at every n-th step inside the window.", default=5, min=1, max=100, step=1),
+        In("adaptive", "BOOLEAN", "Resample only when the effective sample size falls below half the particles.",
+           default=False),
+    ]
+
+
+def _fk_options(scorer, vae, prompt: str, particles: int, potential: str, lam: float, eta: float, window_t_min: int,
+                window_t_max: int, resample_every: int, adaptive: bool) -> ResamplerOptions:
+    if window_t_min > window_t_max:
+        raise ConfigError(f"window_t_min ({window_t_min}) is above window_t_max ({window_t_max})")
+    config = ResamplerConfig(k=int(particles), policy="fk", eta=float(eta), window=(float(window_t_min), float(window_t_max)),
+                             score_every=int(resample_every), potential=potential, lam=float(lam), adaptive=bool(adaptive),
+                             keep_images=True)
+    config.validate()
+    return ResamplerOptions(config=config, scorer=scorer, vae=vae, prompt=prompt or "", trace=ResamplerTrace())
+
+
+def fk_sampler(**kwargs) -> Result:
+    options = _fk_options(**kwargs)
+    return Result((spo_ksampler(options), options.trace))
+
+
+def fk_model(model, **kwargs) -> Result:
+    return _patched(model, _fk_options(**kwargs))
+
+
+FK_SAMPLER = NodeSpec(
+    "SPOFKSteeringSampler", "SPO FK Steering (particles)",
+    "A SAMPLER for SamplerCustom / SamplerCustomAdvanced: Feynman-Kac steering. Each image is a population of "
+    "particles sampled together; at resampling steps the scorer's rewards weigh them (through the potential), "
+    "the population is resampled, and the best final particle is returned. Seeded by the sampler's noise seed.",
+    inputs=_fk_inputs(),
+    outputs=[Out("SAMPLER", "sampler"), Out(TRACE_TYPE, "trace", "The particles at each resampling; feed SPO Candidate Grid.")],
+    run=fk_sampler,
+)
+
+FK_MODEL = NodeSpec(
+    "SPOFKSteering", "SPO FK Steering (KSampler patch)",
+    "Patch a MODEL so that the stock KSampler / KSamplerAdvanced sample each image with Feynman-Kac particle "
+    "steering (its sampler choice is replaced; steps, scheduler, CFG, seed and denoise still apply).",
+    inputs=[In("model", "MODEL", "The model the KSampler will use."), *_fk_inputs()],
+    outputs=[Out("MODEL", "model"), Out(TRACE_TYPE, "trace", "The particles at each resampling; feed SPO Candidate Grid.")],
+    run=fk_model,
+)
+
+
 def resampler_sampler(**kwargs) -> Result:
     options = _options(**kwargs)
     return Result((spo_ksampler(options), options.trace))
@@ -66,9 +129,12 @@ RESAMPLER = NodeSpec(
 
 
 def resampling_model(model, **kwargs) -> Result:
+    return _patched(model, _options(**kwargs))
+
+
+def _patched(model, options: ResamplerOptions) -> Result:
     import comfy.patcher_extension
 
-    options = _options(**kwargs)
     patched = model.clone()
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,
                                  sampler_sample_wrapper(options))
@@ -96,7 +162,8 @@ def candidate_grid(trace: ResamplerTrace, samples: dict, cell_size: int = 96) ->
 GRID = NodeSpec(
     "SPOCandidateGrid", "SPO Candidate Grid",
     "The candidates of every pooled step of the last run (one row per step, scores under them, the kept one "
-    "outlined), one grid per image of the batch. Connect the sampler's output latent so it runs after sampling.",
+    "outlined), or, after FK steering, the particles at each resampling (rewards, weights, copies, ESS); one grid "
+    "per image of the batch. Connect the sampler's output latent so it runs after sampling.",
     inputs=[
         In("trace", TRACE_TYPE, "From SPO Per-Step Resampler or SPO Resampling."),
         In("samples", "LATENT", "The sampler's output (orders this node after the sampling run)."),
@@ -106,4 +173,4 @@ GRID = NodeSpec(
     run=candidate_grid,
 )
 
-SPECS = [RESAMPLER, RESAMPLING, GRID]
+SPECS = [RESAMPLER, RESAMPLING, FK_SAMPLER, FK_MODEL, GRID]

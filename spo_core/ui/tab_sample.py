@@ -31,6 +31,9 @@ class SampleSettings:
     window_hi: float = 751.0
     score_every: int = 1
     eta: float = 1.0
+    potential: str = "max"  # fk
+    lam: float = 10.0  # fk
+    adaptive: bool = False  # fk
 
 
 def run_sampling(backend, settings: SampleSettings, scorer, progress=None, cancel=None) -> dict[str, Any]:
@@ -39,7 +42,7 @@ def run_sampling(backend, settings: SampleSettings, scorer, progress=None, cance
     The same call as `spo sample` (`backend.sample`): the same settings draw the same image here
     and on the command line."""
     from ..sampling import ResamplerConfig
-    from ..sampling.trace import render_trace_grid
+    from ..sampling.trace import render_grid
 
     if not settings.prompt.strip():
         raise ConfigError("the prompt is empty: type what the image should show")
@@ -48,7 +51,8 @@ def run_sampling(backend, settings: SampleSettings, scorer, progress=None, cance
     sigmas = None if settings.schedule.startswith("SPO") else backend.schedule.karras_sigmas(steps)
     cfg = ResamplerConfig(k=int(settings.k), policy=settings.policy, eta=float(settings.eta),
                           window=(float(settings.window_lo), float(settings.window_hi)), score_every=int(settings.score_every),
-                          keep_images=int(settings.k) > 1)
+                          keep_images=int(settings.k) > 1, potential=settings.potential, lam=float(settings.lam),
+                          adaptive=bool(settings.adaptive))
 
     def callback(info):
         if progress is not None:
@@ -59,9 +63,16 @@ def run_sampling(backend, settings: SampleSettings, scorer, progress=None, cance
                          scorer=scorer, config=cfg, callback=callback, cancel=cancel)
     result = out.result
     image = display_image(_to_pil(out.images[0]))
-    grid = render_trace_grid(result, 0, title=settings.prompt[:60]) if cfg.keep_images and result.pooled_steps else None
-    summary = (f"{result.steps} steps, {result.pooled_steps} with {cfg.k} candidates ({cfg.policy}), "
-               f"{result.evaluations} denoiser evaluations ({result.evaluations_per_step:.2f} per step)")
+    has_grid = cfg.keep_images and any(r.images is not None for r in result.trace)
+    grid = render_grid(result, 0, title=settings.prompt[:60]) if has_grid else None
+    if cfg.policy == "fk":
+        events = result.particle_stats.events
+        how = (f"FK steering, {cfg.k} particles ({cfg.potential}, lambda {cfg.lam:g}): {len(events)} weighting steps, "
+               f"{sum(int(e.resampled.sum()) for e in events)} resamplings")
+    else:
+        how = f"{result.pooled_steps} with {cfg.k} candidates ({cfg.policy})"
+    summary = (f"{result.steps} steps, {how}; {result.evaluations} denoiser evaluations "
+               f"({result.evaluations_per_step:.2f} per step), {result.decodes} decodes, {result.scorer_rows} scorer rows")
     return {"image": image, "grid": grid, "summary": summary, "pixels": out.images[0]}
 
 
@@ -87,13 +98,17 @@ def build_sample_tab(host: StandaloneHost) -> None:
             size = g.Number(value=0, precision=0, label="size (0 = model default)")
         with g.Row():
             schedule = g.Radio(["SPO DDIM", "Karras"], value="SPO DDIM", label="schedule")
-            k = g.Slider(minimum=1, maximum=16, step=1, value=4, label="k candidates")
-            policy = g.Radio(["greedy", "softmax", "random"], value="greedy", label="policy")
+            k = g.Slider(minimum=1, maximum=16, step=1, value=4, label="k candidates (fk: particles)")
+            policy = g.Radio(["greedy", "softmax", "random", "fk"], value="greedy", label="policy (fk: Feynman-Kac particles)")
         with g.Row():
             lo = g.Number(value=0, label="window: lowest timestep")
             hi = g.Number(value=751, label="window: highest timestep")
             every = g.Number(value=1, precision=0, label="pool every n-th step")
             eta = g.Slider(minimum=0.0, maximum=1.0, step=0.05, value=1.0, label="eta")
+        with g.Row():
+            potential = g.Radio(["max", "diff", "add", "rt"], value="max", label="fk: potential")
+            lam = g.Number(value=10.0, label="fk: lambda (> 0)")
+            adaptive = g.Checkbox(value=False, label="fk: resample only when ESS < k/2")
         name, weights = scorer_inputs(host)
         with g.Row():
             btn = g.Button("Generate", variant="primary")
@@ -105,10 +120,11 @@ def build_sample_tab(host: StandaloneHost) -> None:
         summary = g.Textbox(label="summary", interactive=False)
 
         def generate(model_, prompt_, negative_, steps_, cfg_, seed_, size_, schedule_, k_, policy_, lo_, hi_, every_,
-                     eta_, name_, weights_):
+                     eta_, potential_, lam_, adaptive_, name_, weights_):
             settings = SampleSettings(prompt_ or "", negative_ or "", int(steps_), float(cfg_), int(seed_ or 0),
                                       int(size_ or 0), schedule_, int(k_), policy_, float(lo_ or 0), float(hi_ or 0),
-                                      int(every_ or 1), float(eta_))
+                                      int(every_ or 1), float(eta_), potential_, float(lam_ if lam_ is not None else 10.0),
+                                      bool(adaptive_))
 
             def prepare():
                 if not settings.prompt.strip():
@@ -130,7 +146,8 @@ def build_sample_tab(host: StandaloneHost) -> None:
             yield from run_job_handler(host, "sample", "Generate", prepare, render, 4)
 
         btn.click(generate, inputs=[model, prompt, negative, steps, cfg, seed, size, schedule, k, policy, lo, hi, every,
-                                    eta, name, weights], outputs=[status, image, grid, summary], api_name="sample")
+                                    eta, potential, lam, adaptive, name, weights], outputs=[status, image, grid, summary],
+                  api_name="sample")
         stop.click(lambda: _stop("sample"), inputs=None, outputs=[status])
 
 

@@ -164,7 +164,7 @@ def check_score(client, assets) -> str:
 
 
 def check_sample(client, model_dir: Path) -> str:
-    args = [str(model_dir), "a red cube", "", 4, 5.0, 1, 0, "Karras", 2, "greedy", 0, 999, 1, 1.0,
+    args = [str(model_dir), "a red cube", "", 4, 5.0, 1, 0, "Karras", 2, "greedy", 0, 999, 1, 1.0, "max", 10.0, False,
             "jpeg_compressibility", ""]
     status, image, grid, summary = client.predict(*args, api_name="/sample")
     assert "done" in text_of(status), status
@@ -174,7 +174,7 @@ def check_sample(client, model_dir: Path) -> str:
 
 def check_train(client, model_dir: Path, out_dir: Path) -> str:
     args = [str(model_dir), "ddpo", "auto", "a red cube\na blue ball", None, "", "jpeg_compressibility", "", 1, 0, 0, 0,
-            2, 2, 0, 4, False, "auto", 0, -1, 1, "compat_ddpo", False, True]
+            2, 2, 0, 4, -1, 0, False, "auto", 0, -1, 1, "compat_ddpo", False, True]
     status, plot, preview, result = client.predict(*args, api_name="/train")
     assert "done" in text_of(status), status
     assert "trained 1 steps" in result and (out_dir / "compat_ddpo.safetensors").is_file(), result

@@ -9,11 +9,14 @@ from typing import Any, Sequence
 
 from spo_core.errors import ConfigError, WeightsNotFoundError
 
-POLICIES = ["greedy", "softmax", "random"]
+POLICIES = ["greedy", "softmax", "random", "fk"]
+POTENTIALS = ["max", "diff", "add", "rt"]
 # infotext keys, in the order the script's arguments come (API: alwayson_scripts args)
 INFOTEXT = {"k": "SPO k", "policy": "SPO policy", "window": "SPO window", "scorer": "SPO scorer",
-            "weights": "SPO scorer weights", "score_every": "SPO every"}
-ARG_NAMES = ["k", "policy", "window_lo", "window_hi", "scorer", "weights", "score_every"]
+            "weights": "SPO scorer weights", "score_every": "SPO every", "potential": "SPO potential",
+            "lam": "SPO lambda", "adaptive": "SPO adaptive"}
+# the FK fields come last, so older API calls (7 arguments) keep working
+ARG_NAMES = ["k", "policy", "window_lo", "window_hi", "scorer", "weights", "score_every", "potential", "lam", "adaptive"]
 
 
 @dataclass
@@ -25,6 +28,9 @@ class SPOOptions:
     scorer: str = "spm"
     weights: str = ""  # file or folder name inside the scorer folder (or an absolute path)
     score_every: int = 1
+    potential: str = "max"  # fk: the particles' potential
+    lam: float = 10.0  # fk: lambda
+    adaptive: bool = False  # fk: resample only when the ESS < k/2
     scorer_dir: Path | None = field(default=None, repr=False)
 
     def validate(self) -> "SPOOptions":
@@ -36,6 +42,13 @@ class SPOOptions:
             raise ConfigError(f"SPO window: the lowest timestep {self.window_lo:g} is above the highest {self.window_hi:g}")
         if self.score_every < 1:
             raise ConfigError("SPO: pool every n-th step needs n >= 1")
+        if self.policy == "fk":
+            if self.k < 2:
+                raise ConfigError("SPO FK steering with 1 particle is plain sampling: use k (particles) >= 2")
+            if self.potential not in POTENTIALS:
+                raise ConfigError(f"SPO FK potential must be one of {', '.join(POTENTIALS)}, got {self.potential!r}")
+            if not self.lam > 0 or self.lam != self.lam or self.lam == float("inf"):
+                raise ConfigError(f"SPO FK lambda must be a finite number > 0, got {self.lam}")
         return self
 
     def weights_path(self) -> Path | None:
@@ -66,6 +79,11 @@ class SPOOptions:
             out[INFOTEXT["weights"]] = Path(self.weights).name
         if self.score_every != 1:
             out[INFOTEXT["score_every"]] = self.score_every
+        if self.policy == "fk":
+            out[INFOTEXT["potential"]] = self.potential
+            out[INFOTEXT["lam"]] = self.lam
+            if self.adaptive:
+                out[INFOTEXT["adaptive"]] = True
         return out
 
 
@@ -83,6 +101,9 @@ def from_args(args: Sequence[Any], defaults: SPOOptions | None = None) -> SPOOpt
             scorer=str(values.get("scorer", d.scorer) or d.scorer),
             weights=str(values.get("weights", d.weights) or ""),
             score_every=int(values.get("score_every", d.score_every) or 1),
+            potential=str(values.get("potential", d.potential) or d.potential),
+            lam=float(values.get("lam", d.lam)),
+            adaptive=_bool(values.get("adaptive", d.adaptive)),
             scorer_dir=d.scorer_dir,
         )
     except (TypeError, ValueError) as exc:
@@ -90,6 +111,12 @@ def from_args(args: Sequence[Any], defaults: SPOOptions | None = None) -> SPOOpt
     if opts.weights in ("None", "none"):
         opts.weights = ""
     return opts.validate()
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def parse_window(text: str) -> tuple[float, float]:

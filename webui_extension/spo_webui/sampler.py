@@ -118,7 +118,10 @@ def record_infotext(p: Any, options: SPOOptions, result: Any) -> None:
     if params is None:
         return
     params.update(options.infotext())
-    params["SPO pooled steps"] = result.pooled_steps
+    if options.policy == "fk" and result.particle_stats is not None:
+        params["SPO resamplings"] = sum(int(e.resampled.sum()) for e in result.particle_stats.events)
+    else:
+        params["SPO pooled steps"] = result.pooled_steps
 
 
 def load_scorer(options: SPOOptions, device: torch.device) -> Any:
@@ -152,7 +155,8 @@ def sample_spo(model, x, sigmas, extra_args=None, callback=None, disable=None, e
     p = getattr(model, "p", None)
     options = options_from_p(p)
     config = ResamplerConfig(k=options.k, policy=options.policy, eta=float(eta if eta is not None else 1.0),
-                             window=(options.window_lo, options.window_hi), score_every=options.score_every)
+                             window=(options.window_lo, options.window_hi), score_every=options.score_every,
+                             potential=options.potential, lam=options.lam, adaptive=options.adaptive)
     batch = x.shape[0]
     denoiser = WebUIDenoiser(model, extra_args, sigmas)
     schedule = schedule_of(model)

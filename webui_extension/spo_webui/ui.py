@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .options import ARG_NAMES, INFOTEXT, POLICIES, SPOOptions, defaults_from_settings, parse_window
+from .options import ARG_NAMES, INFOTEXT, POLICIES, POTENTIALS, SPOOptions, defaults_from_settings, parse_window
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ def sampler_controls(defaults: SPOOptions, weight_choices: list[str]) -> tuple[l
     with gr.Accordion("SPO sampler (k candidates per step)", open=False):
         gr.Markdown("Used when the sampler is **SPO Euler a (k candidates)**: at each step inside the timestep window, "
                     "k candidates are drawn from the same latent and scored; the policy keeps one (greedy: the best, "
-                    "softmax: a draw weighted by score, random: any, scores recorded).")
+                    "softmax: a draw weighted by score, random: any, scores recorded). **fk**: Feynman-Kac steering, "
+                    "k particles per image sampled together and resampled by their rewards at every n-th step in the "
+                    "window (and at the last), the best final particle kept.")
         with gr.Row():
             k = gr.Slider(minimum=1, maximum=16, step=1, value=defaults.k, label="k candidates")
             policy = gr.Radio(POLICIES, value=defaults.policy, label="policy")
@@ -74,8 +76,12 @@ def sampler_controls(defaults: SPOOptions, weight_choices: list[str]) -> tuple[l
         with gr.Row():
             scorer = gr.Dropdown(names, value=defaults.scorer if defaults.scorer in names else names[0], label="scorer")
             weights = gr.Dropdown(choices, value=weights_value, label="scorer weights (models/SPO)")
+        with gr.Row():
+            potential = gr.Radio(POTENTIALS, value=defaults.potential, label="fk: potential")
+            lam = gr.Number(value=defaults.lam, label="fk: lambda (> 0)")
+            adaptive = gr.Checkbox(value=defaults.adaptive, label="fk: resample only when ESS < k/2")
     components = {"k": k, "policy": policy, "window_lo": lo, "window_hi": hi, "scorer": scorer, "weights": weights,
-                  "score_every": every}
+                  "score_every": every, "potential": potential, "lam": lam, "adaptive": adaptive}
     infotext_fields = [
         (k, INFOTEXT["k"]),
         (policy, INFOTEXT["policy"]),
@@ -83,6 +89,9 @@ def sampler_controls(defaults: SPOOptions, weight_choices: list[str]) -> tuple[l
         (hi, lambda d: parse_window(d[INFOTEXT["window"]])[1] if INFOTEXT["window"] in d else gr.update()),
         (scorer, INFOTEXT["scorer"]),
         (every, lambda d: int(d.get(INFOTEXT["score_every"], 1))),
+        (potential, lambda d: d.get(INFOTEXT["potential"], "max")),
+        (lam, lambda d: float(d.get(INFOTEXT["lam"], 10.0))),
+        (adaptive, lambda d: str(d.get(INFOTEXT["adaptive"], "False")).lower() == "true"),
     ]
     return [components[n] for n in ARG_NAMES], infotext_fields
 
