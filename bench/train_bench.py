@@ -93,8 +93,10 @@ def random_cond(backend, n: int, device, dtype, resolution: int):
     ctx = backend.unet.config.cross_attention_dim
     t = {"cond": torch.randn(n, 77, ctx, generator=g), "uncond": torch.randn(n, 77, ctx, generator=g)}
     if backend.is_sdxl:
-        t["pooled"] = torch.randn(n, 1280, generator=g)
-        t["uncond_pooled"] = torch.randn(n, 1280, generator=g)
+        cfg = backend.unet.config  # the added embedding takes the pooled text embedding and 6 time ids
+        pooled = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+        t["pooled"] = torch.randn(n, pooled, generator=g)
+        t["uncond_pooled"] = torch.randn(n, pooled, generator=g)
         t["time_ids"] = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32).repeat(n, 1)
     return TensorConditioning({k: v.to(device=device, dtype=dtype) for k, v in t.items()})
 

@@ -142,3 +142,26 @@ def tiny_clip_model(seed: int = 0, image_size: int = 32, projection_dim: int = 1
         projection_dim=projection_dim,
     )
     return transformers.CLIPModel(cfg).eval()
+
+
+def real_size_pipeline(arch: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """An SD1.5 or SDXL pipeline of the real architecture with random weights: UNet, text encoder(s),
+    VAE and scheduler from the shipped configs, built on `device` (fast on a GPU), nothing downloaded."""
+    diffusers = require("diffusers", "real-size pipelines", "diffusers")
+    from .clip_tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = diffusers.UNet2DConditionModel.from_config(real_config(arch, "unet"))
+        vae = diffusers.AutoencoderKL.from_config(real_config(arch, "vae"))
+        tes = real_text_encoders(arch, device=device)
+    if arch == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=tes[0], text_encoder_2=tes[1], tokenizer=load_clip_tokenizer(),
+            tokenizer_2=load_clip_tokenizer(pad_token="!"), unet=unet, scheduler=ddim_scheduler())
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae, text_encoder=tes[0], tokenizer=load_clip_tokenizer(), unet=unet, scheduler=ddim_scheduler(),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)

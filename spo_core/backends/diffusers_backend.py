@@ -11,6 +11,7 @@ configs shipped in `spo_core/configs/` and a tokenizer built offline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -77,6 +78,43 @@ class DiffusersBackend:
         self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.latent_channels = int(self.unet.config.in_channels)
         self.default_size = int(self.unet.config.sample_size) * self.vae_scale_factor
+        self.offloaded: set[str] = set()
+
+    # -- memory -------------------------------------------------------------------------------
+    def offload(self, parts: str | Sequence[str] = ("text_encoders",)) -> None:
+        """Keep the text encoders ("text_encoders") and/or the VAE ("vae") on the CPU, moving each to the
+        device only while it runs: less GPU memory for training and sampling, at the cost of a transfer
+        per use (the text encoders run once per sampling round, the VAE once per decode)."""
+        parts = {parts} if isinstance(parts, str) else set(parts)
+        unknown = parts - {"text_encoders", "vae"}
+        if unknown:
+            raise ConfigError(f"cannot offload {', '.join(sorted(unknown))}; choose text_encoders and/or vae")
+        self.offloaded = parts
+        if self.device.type != "cpu":
+            for module in self._offload_modules():
+                module.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _offload_modules(self, which: str | None = None) -> list[torch.nn.Module]:
+        out = []
+        if "text_encoders" in self.offloaded and which in (None, "text_encoders"):
+            out += [m for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None)) if m]
+        if "vae" in self.offloaded and which in (None, "vae"):
+            out.append(self.vae)
+        return out
+
+    @contextlib.contextmanager
+    def resident(self, which: str):
+        """An offloaded part on the device for the length of the block, back on the CPU after it."""
+        modules = self._offload_modules(which) if self.device.type != "cpu" else []
+        for m in modules:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to("cpu")
 
     def _guess_arch(self) -> str:
         ctx = self.unet.config.cross_attention_dim
@@ -165,7 +203,7 @@ class DiffusersBackend:
             raise ConfigError("the prompt list is empty")
         if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != len(prompts):
             raise ConfigError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
-        with torch.no_grad():
+        with torch.no_grad(), self.resident("text_encoders"):
             if self.is_sdxl:
                 cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
                     prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
@@ -243,7 +281,8 @@ class DiffusersBackend:
         """Latents (model space) -> images [N,3,H,W] in [0,1], float32."""
         self._upcast_vae_if_needed()
         z = x0.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
-        images = self.vae.decode(z, return_dict=False)[0]
+        with self.resident("vae"):
+            images = self.vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def _upcast_vae_if_needed(self) -> None:
@@ -271,7 +310,8 @@ class DiffusersBackend:
     def decode_with_grad(self, x0: torch.Tensor) -> torch.Tensor:
         self._upcast_vae_if_needed()
         z = x0.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
-        return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+        with self.resident("vae"):
+            return (self.vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -279,7 +319,8 @@ class DiffusersBackend:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ConfigError(f"images must be [N,3,H,W], got {tuple(images.shape)}")
         self._upcast_vae_if_needed()
-        dist = self.vae.encode((images.to(self.device, self.vae.dtype) * 2 - 1), return_dict=False)[0]
+        with self.resident("vae"):
+            dist = self.vae.encode((images.to(self.device, self.vae.dtype) * 2 - 1), return_dict=False)[0]
         z = dist.sample(generator) if sample else dist.mean
         return ((z - self.shift_factor) * self.scaling_factor).float()
 

@@ -83,16 +83,52 @@ def with_world_defaults(cfg, args: argparse.Namespace):
     return world
 
 
+def gpu_tactics(cfg) -> dict:
+    """The memory tactics of the preset (GPU_TACTICS) when it trains on a CUDA GPU: the settings under the
+    config file and the flags, so either still overrides them. 8-bit AdamW only where bitsandbytes is."""
+    import importlib.util
+
+    import torch
+
+    from ..training.config import GPU_TACTICS
+
+    tactics = dict(GPU_TACTICS.get(cfg.preset or "", {}))
+    on_cuda = (cfg.device or "").startswith("cuda") or (not cfg.device and torch.cuda.is_available())
+    if not tactics or not on_cuda:
+        return {}
+    if tactics.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        tactics["optimizer"] = "adamw"
+    return tactics
+
+
+def describe_tactics(cfg, tactics: dict) -> str:
+    """The preset's GPU settings still in force after the file and the flags, in words."""
+    words = {"mixed_precision": lambda v: f"{v} autocast", "gradient_checkpointing": lambda v: "gradient checkpointing",
+             "offload": lambda v: f"{v.replace('_', ' ').replace('+', ' and ')} on the CPU between uses",
+             "optimizer": lambda v: {"adamw8bit": "8-bit AdamW"}.get(v, "AdamW")}
+    kept = [words[k](v) for k, v in tactics.items() if getattr(cfg, k) == v and v != "adamw"]
+    return f"spo train: GPU memory settings of preset {cfg.preset}: {', '.join(kept) or 'none left'} (flags override)"
+
+
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
     from ..errors import Cancelled, ConfigError
     from ..training.config import TrainConfig, apply_preset, from_args
 
-    base = apply_preset(TrainConfig(), args.preset) if args.preset else TrainConfig()  # preset < file < flags
-    cfg = TrainConfig.from_file(args.config, base) if args.config else base
-    cfg = from_args(args, cfg, preset=False)
-    cfg = with_world_defaults(cfg, args)
+    def settings(tactics: dict | None = None) -> TrainConfig:
+        base = apply_preset(TrainConfig(), args.preset) if args.preset else TrainConfig()  # preset < file < flags
+        if tactics:
+            base = dataclasses.replace(base, **tactics)
+        cfg = TrainConfig.from_file(args.config, base) if args.config else base
+        return with_world_defaults(from_args(args, cfg, preset=False), args)
+
+    cfg = settings()
+    tactics = gpu_tactics(cfg)
+    if tactics:
+        cfg = settings(tactics)
+        print(describe_tactics(cfg, tactics), file=sys.stderr)
     if args.print_config:
         sys.stdout.write(cfg.resolved(require_data=False).to_toml())
         return 0
@@ -116,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
           f"output {resolved.output_dir})", file=sys.stderr)
     backend = DiffusersBackend.from_pretrained(resolved.model, arch=resolved.arch, device=device, dtype=dtype, vae=resolved.vae,
                                                loading_bars=not args.no_progress and rank == 0)
+    if resolved.offload != "none":
+        backend.offload(resolved.offload.split("+"))
     model_path = Path(resolved.model)
     model_hash = sha256_file(model_path) if model_path.is_file() else None
     host = DiffusersTrainingHost(backend, model_name=model_path.name, model_hash=model_hash)

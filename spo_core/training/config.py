@@ -112,6 +112,8 @@ class TrainConfig:
     # -- precision and memory ---------------------------------------------------------------------
     mixed_precision: str = _f("no", "autocast dtype: no, fp16 or bf16 (LoRA weights stay fp32)", "memory", choices=PRECISIONS)
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)", "memory")
+    offload: str = _f("none", "keep parts on the CPU between uses (CUDA): none, text_encoders, vae or text_encoders+vae", "memory",
+                      choices=("none", "text_encoders", "text_encoders+vae", "vae"))
     # -- outputs --------------------------------------------------------------------------------
     checkpoint_every: int = _f(50, "write a resumable checkpoint every N steps (0: only at the end)", "output")
     keep_checkpoints: int = _f(2, "checkpoints kept (older ones are deleted)", "output")
@@ -286,6 +288,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ncp-dpo-world": dict(method="ncp_dpo", learning_rate=1e-3, rank=8, train_batch_size=16),
     "ddpo-world": dict(method="ddpo", learning_rate=3e-3, rank=8, sample_batch_size=32, train_batch_size=32),
 }
+# Memory settings of the SD1.5/SDXL presets on one CUDA GPU: `spo train` applies them when it trains on
+# CUDA, under the config file and the flags (either overrides each). bench/gpu_suite.py measures them
+# against the targets (SD1.5 SPO <= 10 GB, SDXL <= 24 GB). 8-bit AdamW only where bitsandbytes is.
+_SD15_GPU = dict(mixed_precision="fp16", gradient_checkpointing=True, offload="text_encoders")
+_SDXL_GPU = dict(_SD15_GPU, optimizer="adamw8bit")
+GPU_TACTICS: dict[str, dict[str, Any]] = {"spo-sd15": _SD15_GPU, "lpo-sd15": _SD15_GPU, "spo-sdxl": _SDXL_GPU,
+                                          "lpo-sdxl": _SDXL_GPU}
 PRESET_ALIASES = {"lpo": "lpo-sd15", "lpo-xl": "lpo-sdxl", "sd15": "spo-sd15", "sd1.5": "spo-sd15", "spo": "spo-sd15", "sdxl": "spo-sdxl", "mspo": "spo-sdxl",
                   "dpo": "diffusion-dpo", "diffusion_dpo": "diffusion-dpo", "ncp": "ncp-dpo", "ncp_dpo": "ncp-dpo"}
 
@@ -330,7 +339,7 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
 # settings a resume may change on purpose (the advice after a divergence): the change is logged
 RESUME_ADJUSTABLE = {"learning_rate", "lr_warmup_steps", "max_grad_norm", "mixed_precision"}
 RESUME_SAFE = RESUME_ADJUSTABLE | {"device", "model_dtype", "model", "vae", "max_steps", "checkpoint_every", "keep_checkpoints", "validate_every", "validation_prompts",
-               "validation_seeds", "log_every", "resume", "overwrite", "output_name", "lora_format", "save_dtype",
+               "validation_seeds", "log_every", "resume", "overwrite", "output_name", "lora_format", "save_dtype", "offload",
                "output_dir", "scorer_weights", "prompts", "pairs", "preset"}
 
 
