@@ -18,7 +18,13 @@ counts 2 per image; sampling, scoring rollouts and training forwards alike):
    best-of-4 vs plain sampling, on the base model, scored by the shipped SPM; each resampler arm is
    also compared with best-of-4 image by image.
 
-`--methods ""` runs only the sampling part. Prints a table and writes alignment_bench.json and
+3. steering (`--steering-budgets 4,8,16`): at each budget N of denoiser evaluations per image per
+   step, best-of-N vs the per-step resampler (greedy, k = N at every step) vs FK steering (N
+   particles; its settings from bench/fk_sweep.py, chosen on training prompts), scored by the SPM
+   and (`--steering-scorers spm,lrm`) by the world's latent reward model; every arm compared with
+   best-of-N image by image; GT against evaluations per image in alignment_steering.png.
+
+`--methods ""` runs only the sampling parts. Prints a table and writes alignment_bench.json and
 (with training) alignment_bench.png.
 """
 
@@ -44,7 +50,7 @@ from spo_core.world.gt_scorer import WorldGroundTruthScorer  # noqa: E402
 from spo_core.world.train_spm import SPM_PATH  # noqa: E402
 
 
-def xy_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str):
+def xy_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str, thousands: bool = True):
     """Lines of (x, y) points per named series, each with its own x values."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -65,7 +71,7 @@ def xy_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: 
         yv = y0 + (y1 - y0) * i / 4
         d.text((4, xy((0, yv))[1] - 6), f"{yv:.3f}", fill="black", font=font)
         xv = x0 + (x1 - x0) * i / 4
-        d.text((xy((xv, y0))[0] - 12, h - bottom + 6), f"{xv / 1e3:.0f}k", fill="black", font=font)
+        d.text((xy((xv, y0))[0] - 12, h - bottom + 6), f"{xv / 1e3:.0f}k" if thousands else f"{xv:.0f}", fill="black", font=font)
     d.text((left, h - 14), x_label, fill="black", font=font)
     d.text((4, top - 14), y_label, fill="black", font=font)
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (120, 120, 120)]
@@ -78,6 +84,45 @@ def xy_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: 
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
         d.text((w - right + 8, top + 14 * i), name, fill=c, font=font)
     return img
+
+
+def steering_curve(base, pairs, plain, args) -> dict:
+    """GT against denoiser evaluations per image: best-of-N, greedy per-step k = N, FK with N particles."""
+    from spo_core.sampling import ResamplerConfig
+    from spo_core.scorers import load_scorer
+
+    fk = dict(item.split("=") for item in args.fk.split(","))
+    fk_cfg = dict(potential=fk.get("potential", "max"), lam=float(fk.get("lam", 10)), score_every=int(fk.get("every", 5)),
+                  adaptive=fk.get("adaptive", "false").lower() == "true", window=(0.0, 999.0))
+    budgets = [int(v) for v in args.steering_budgets.split(",") if v]
+    out = {"fk_settings": fk_cfg, "budgets": budgets, "arms": {}}
+    series: dict[str, list] = {"plain": [(40.0, plain.stats.mean)]}
+    for scorer_name in [s for s in args.steering_scorers.split(",") if s]:
+        scorer = load_scorer(scorer_name, "world")
+        for n in budgets:
+            arms = {f"best-of-{n}": dict(best_of=n),
+                    f"greedy k={n}, every step": dict(config=ResamplerConfig(k=n, policy="greedy", window=(0.0, 999.0))),
+                    f"FK {n} particles": dict(config=ResamplerConfig(k=n, policy="fk", **fk_cfg))}
+            results = {}
+            for name, kw in arms.items():
+                label = f"{name} ({scorer_name})"
+                count = UNetCounter(base.pipe.unet)
+                arm = sample_arm(label, base, pairs, scorer, **kw)
+                count.close()
+                results[name] = arm
+                row = {**arm.stats.as_dict(), "seconds": arm.seconds, "unet_evaluations_per_image": count.rows / len(pairs),
+                       "vs_plain": paired_comparison(arm.gt, plain.gt)}
+                if not name.startswith("best-of"):
+                    row["vs_best_of_n"] = paired_comparison(arm.gt, results[f"best-of-{n}"].gt)
+                out["arms"][label] = row
+                series.setdefault(f"{name.split(' ')[0]} ({scorer_name})", []).append((row["unet_evaluations_per_image"], arm.stats.mean))
+                vs = row.get("vs_best_of_n")
+                print(f"{label}: GT {arm.stats.mean:.3f}, {row['unet_evaluations_per_image']:.0f} UNet evaluations per image"
+                      + (f" | vs best-of-{n} {vs['mean_delta']:+.3f} (95% CI {vs['ci95'][0]:+.3f} .. {vs['ci95'][1]:+.3f}), "
+                         f"higher on {vs['beats']:.0%}" if vs else ""), flush=True)
+    save_png(xy_chart(series, f"held-out GT vs sampling compute ({len(pairs)} images)", "UNet evaluations per image",
+                      "GT", thousands=False), args.out / "alignment_steering.png")
+    return out
 
 
 def main() -> None:
@@ -93,6 +138,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--work", type=Path, default=Path("/tmp/spo_alignment_bench"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--steering-budgets", default="", help="e.g. 4,8,16: the steering comparison at these budgets")
+    p.add_argument("--steering-scorers", default="spm", help="spm and/or lrm")
+    p.add_argument("--fk", default="potential=max,lam=10,every=5", help="FK settings (bench/fk_sweep.py)")
+    p.add_argument("--skip-sampling", action="store_true", help="skip part 2 (the k = 4/5 resampler arms)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,12 +193,14 @@ def main() -> None:
                   flush=True)
 
     sampling, gts = {}, {}
+    steering = steering_curve(base, pairs, plain, args) if args.steering_budgets else None
     # pools at SPO's training window (t <= 751) or at every step; greedy k = 5 in the window spends what
     # best-of-4 spends (160 UNet evaluations per image), k = 4 at every step 154: the equal-compute comparisons
-    for name, kw in (("plain", dict()), ("resampler greedy k=4", dict(k=4, policy="greedy")),
-                     ("resampler softmax k=4", dict(k=4, policy="softmax")), ("resampler greedy k=5", dict(k=5, policy="greedy")),
-                     ("resampler greedy k=4, every step", dict(k=4, policy="greedy", window=(0.0, 999.0))),
-                     ("best-of-4", dict(best_of=4))):
+    arms = () if args.skip_sampling else (
+        ("plain", dict()), ("resampler greedy k=4", dict(k=4, policy="greedy")),
+        ("resampler softmax k=4", dict(k=4, policy="softmax")), ("resampler greedy k=5", dict(k=5, policy="greedy")),
+        ("resampler greedy k=4, every step", dict(k=4, policy="greedy", window=(0.0, 999.0))), ("best-of-4", dict(best_of=4)))
+    for name, kw in arms:
         count = UNetCounter(base.pipe.unet)
         arm = sample_arm(name, base, pairs, scorer if kw else None, **kw)
         count.close()
@@ -173,7 +224,7 @@ def main() -> None:
               "eval_images": len(pairs), "stages": {m: method_stages.get(m, stages) for m in training},
               "train_settings": {m: {**WORLD_TRAIN_SETTINGS[m.replace("_oracle", "")], **({"threshold": 0.01} if m == "spo_oracle" else {}),
                                  **method_settings.get(m, {})} for m in training}, "base": plain.stats.as_dict(), "training": training,
-              "sampling": sampling, "seconds": time.perf_counter() - t0}
+              "sampling": sampling, "steering": steering, "seconds": time.perf_counter() - t0}
     (args.out / "alignment_bench.json").write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out / 'alignment_bench.json'}" + (f" and {args.out / 'alignment_bench.png'}" if training else ""))
 

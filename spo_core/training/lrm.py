@@ -41,6 +41,7 @@ class LRMTrainConfig:
     lr: float = 1e-5
     weight_decay: float = 0.3  # LPO's optimiser default
     warmup: int = 500
+    cosine: bool = False  # decay to 10% over the run after the warmup (LPO: constant)
     max_grad_norm: float = 1.0
     train_text_encoder: bool = True  # LPO trains it; the world's LRM keeps the base one (shared, not shipped twice)
     seed: int = 0
@@ -90,7 +91,15 @@ def train_lrm(model, encode_images: Callable[[torch.Tensor], torch.Tensor], alph
                 te.requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    def factor(s: int) -> float:
+        if s < cfg.warmup:
+            return (s + 1) / max(cfg.warmup, 1)
+        if not cfg.cosine:
+            return 1.0
+        progress = min(1.0, (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     g = torch.Generator().manual_seed(cfg.seed)
     empty = tokenize(tokenizer, [""])
     rep = Reporter("LRM training", cfg.steps, progress)

@@ -107,18 +107,20 @@ def _eval_set(cfg: DemoConfig) -> list[tuple[str, int]]:
 
 def sample_arm(name: str, backend, pairs: Sequence[tuple[str, int]], scorer=None, k: int = 1, policy: str = "greedy",
                best_of: int = 0, chunk: int = 32, progress: ProgressFn | None = None,
-               window: tuple[float, float] | None = None) -> Arm:
+               window: tuple[float, float] | None = None, config=None) -> Arm:
     """Sample every (prompt, seed) of `pairs` in chunks (the chunk's first seed seeds its noise,
     so every arm starts from the same initial noise): plainly, with the per-step resampler
-    (k > 1, `policy`; pools at the timesteps in `window`, SPO's t <= 751 by default), or best-of-N
-    (`best_of` > 1: N full samples, the best final image kept)."""
+    (k > 1, `policy`; pools at the timesteps in `window`, SPO's t <= 751 by default), FK steering
+    or any other full `config` (a ResamplerConfig), or best-of-N (`best_of` > 1: N full samples, the
+    best final image kept)."""
     from ..progress import Reporter
     from ..sampling import ResamplerConfig
 
     rep = Reporter(f"sampling: {name}", len(pairs), progress)
     images, evals, t0 = [], 0, time.perf_counter()
-    config = ResamplerConfig(k=k, policy=policy, eta=1.0, **({"window": window} if window is not None else {}))
-    pooled = k > 1 or best_of > 1
+    if config is None:
+        config = ResamplerConfig(k=k, policy=policy, eta=1.0, **({"window": window} if window is not None else {}))
+    pooled = config.k > 1 or best_of > 1
     for i in range(0, len(pairs), chunk):
         part = pairs[i:i + chunk]
         out = backend.sample([p for p, _ in part], steps=20, guidance_scale=5.0, eta=1.0, seed=part[0][1],

@@ -9,7 +9,8 @@ trained with LPO's recipe (`spo_core.training.lrm`) on the same GT-labelled pair
 independent noise, the tie-aware pairwise loss with per-prompt weights. The text encoder stays the
 base model's (frozen and not shipped twice: the file names it), so the shipped LRM is about 1 MB.
 
-Accuracy is measured on the SPM's held-out pairs at t = 0/251/501/701/951, each t with the same
+Which step's weights ship is decided on new pairs of *training* prompts (validation); accuracy is
+reported on the SPM's held-out pairs at t = 0/251/501/701/951, each t with the same
 noise for the SPM (on the decoded predicted x0 of its one CFG-5 UNet pass) and the LRM (on the
 noisy latent itself), beside the ground truth on that predicted x0. Ships `weights/lrm.safetensors`
 (fp16) and `weights/lrm.json` (the record).
@@ -50,12 +51,13 @@ class WorldLRMConfig:
     eval_pairs: int = 256
     steps: int = 1500
     batch_size: int = 32
-    lr: float = 1e-3  # a tiny model learns at a larger rate than LPO's 1e-5 for SD1.5
+    lr: float = 1e-3  # a tiny model learns at a larger rate than LPO's 1e-5 for SD1.5; cosine decay to 10%
     warmup: int = 100
+    validation_pairs: int = 256  # new pairs of *training* prompts: which step's weights are kept
     weight_decay: float = 0.01
     seed: int = 0
     threads: int = 2
-    eval_every: int = 500
+    eval_every: int = 250
 
 
 def pool_batches(pool: PairPool, batch_size: int, seed: int):
@@ -135,26 +137,37 @@ def train_world_lrm(cfg: WorldLRMConfig, pipe, progress: ProgressFn | None = Non
                                 progress=progress)
     pool_seconds = time.perf_counter() - t0
     log.info("pairs: train %s, eval %s (%.0fs)", pool.label_counts(), eval_pool.label_counts(), pool_seconds)
+    validation_pool = build_pair_pool(pipe, cfg.validation_pairs, seed=2000, progress=progress)  # training prompts
     model = lrm_from_diffusion_model(pipe.unet, pipe.text_encoder, seed=cfg.seed)
     spm = load_scorer("spm", str(SPM_PATH))
     before = side_by_side_accuracy(model.eval(), spm, pipe, eval_pool)
     log.info("before training: %s", accuracy_line(before))
     t_train = time.perf_counter()
-    train_cfg = LRMTrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+    train_cfg = LRMTrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, cosine=True,
                                train_text_encoder=False, seed=cfg.seed + 1, eval_every=cfg.eval_every)
+    best = {"score": -1.0, "step": 0, "state": None}
 
     def evaluate(step: int) -> dict:
+        """Which weights to keep is decided on new pairs of training prompts; the held-out pairs only report."""
+        val = side_by_side_accuracy(model, spm, pipe, validation_pool)
+        score = sum(a["lrm"] for a in val.values()) / len(val)
+        if score > best["score"]:
+            best.update(score=score, step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
         acc = side_by_side_accuracy(model, spm, pipe, eval_pool)
-        log.info("LRM step %d held-out: %s", step, accuracy_line(acc))
-        return acc
+        log.info("LRM step %d: validation (training prompts) mean %.1f%%; held-out: %s", step, 100 * score, accuracy_line(acc))
+        return {"held_out": acc, "validation": val, "validation_mean": score}
 
     history = train_lrm(model, encoder(pipe), pipe.scheduler.alphas_cumprod, pool_batches(pool, cfg.batch_size, cfg.seed),
                         train_cfg, clip_tokenizer(), progress, evaluate)
     train_seconds = time.perf_counter() - t_train
+    model.load_state_dict(best["state"])
+    kept = next(h["accuracy"] for h in history if h["step"] == best["step"])
+    log.info("kept the weights of step %d (best validation mean %.1f%%)", best["step"], 100 * best["score"])
     record = {"config": asdict(cfg), "timesteps": list(LPO_TIMESTEPS), "pairs": pool.label_counts(),
-              "eval_pairs": eval_pool.label_counts(), "accuracy_before": before,
+              "eval_pairs": eval_pool.label_counts(), "validation_pairs": validation_pool.label_counts(),
+              "accuracy_before": before, "kept_step": best["step"],
               "history": [h for h in history if "accuracy" in h or h["step"] % 50 == 0],
-              "accuracy": history[-1].get("accuracy"), "pool_seconds": pool_seconds, "train_seconds": train_seconds,
+              "accuracy": kept["held_out"], "pool_seconds": pool_seconds, "train_seconds": train_seconds,
               "threads": cfg.threads}
     return model, record
 
@@ -162,14 +175,14 @@ def train_world_lrm(cfg: WorldLRMConfig, pipe, progress: ProgressFn | None = Non
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     d = WorldLRMConfig()
-    for name in ("pairs", "eval_pairs", "steps", "batch_size", "seed", "threads", "eval_every", "warmup"):
+    for name in ("pairs", "eval_pairs", "validation_pairs", "steps", "batch_size", "seed", "threads", "eval_every", "warmup"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--out", type=Path, default=LRM_PATH)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = WorldLRMConfig(**{k: getattr(args, k) for k in ("pairs", "eval_pairs", "steps", "batch_size", "seed", "threads",
-                                                           "eval_every", "warmup", "lr")})
+    cfg = WorldLRMConfig(**{k: getattr(args, k) for k in ("pairs", "eval_pairs", "validation_pairs", "steps", "batch_size",
+                                                           "seed", "threads", "eval_every", "warmup", "lr")})
     pipe = load_world_pipeline()
     model, record = train_world_lrm(cfg, pipe)
     save_lrm(model, args.out, dtype=torch.float16, overwrite=True, shared_text_encoder="world")
