@@ -281,8 +281,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # anchors a tiny model at a learning rate that learns in minutes; 1000 learns a third as fast).
     "spo-world": dict(method="spo", learning_rate=3e-3, rank=8, k=4, sample_batch_size=32, train_batch_size=64,
                       threshold=0.1, beta=100.0, scorer="spm", scorer_weights="world", validation_prompts=["a red circle"]),
-    "lpo-world": dict(method="lpo", learning_rate=3e-3, rank=8, k=4, sample_batch_size=32, train_batch_size=64,
-                      threshold=0.1, beta=100.0, min_train_t=0.0, max_train_t=999.0, scorer="lrm", scorer_weights="world",
+    # LPO: SPO's rounds with every step pooled, LPO's own beta 500 at lr 1e-3 (bench/alignment_bench.py: lr 3e-3
+    # with beta 100 or 500 peaks by 10-20 steps and then collapses; 1e-3 with beta 100 collapses after 30)
+    "lpo-world": dict(method="lpo", learning_rate=1e-3, rank=8, k=4, sample_batch_size=32, train_batch_size=64,
+                      threshold=0.1, beta=500.0, min_train_t=0.0, max_train_t=999.0, scorer="lrm", scorer_weights="world",
                       auto_threshold=False, validation_prompts=["a red circle"]),
     "diffusion-dpo-world": dict(method="diffusion_dpo", learning_rate=1e-3, rank=8, train_batch_size=16),
     "ncp-dpo-world": dict(method="ncp_dpo", learning_rate=1e-3, rank=8, train_batch_size=16),
