@@ -190,6 +190,40 @@ def test_the_world_lrm_file_shares_the_base_text_encoder(tmp_path, lrm):
                                world.text_encoder.get_input_embeddings().weight.float())
 
 
+def test_the_shipped_world_lrm_beats_chance_where_the_spm_is_weak():
+    """The shipped record: held-out accuracy at t >= 501 at least the SPM's (issue 16's target)."""
+    import json
+    from pathlib import Path
+
+    import spo_core.world as world
+
+    record = json.loads((Path(world.__file__).parent / "weights" / "lrm.json").read_text())
+    acc = record["accuracy"]
+    for t in ("501", "701", "951"):
+        assert acc[t]["lrm"] >= acc[t]["spm"] > 0.5, (t, acc[t])
+    scorer = __import__("spo_core.scorers", fromlist=["x"]).load_scorer("lrm", "world")
+    assert scorer.input_kind == "latent" and scorer.step_aware
+
+
+def test_spo_score_encodes_image_files_for_the_latent_scorer(tmp_path, capsys):
+    from PIL import Image
+
+    from spo_core.cli import main
+
+    paths = []
+    for name, colour in (("red", (220, 30, 30)), ("grey", (128, 128, 128))):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    assert main(["score", "--model", "world", "--scorer", "lrm", "--prompt", "a red circle", "--json", *paths]) == 0
+    scores = __import__("json").loads(capsys.readouterr().out)["scores"]
+    assert set(scores) == set(paths) and all(isinstance(v, float) for v in scores.values())
+    assert main(["score", "--scorer", "lrm", "--scorer-weights", "world", "--prompt", "x", *paths]) == 2
+    assert "scores latents, not pixels: give --model" in capsys.readouterr().err
+    Image.new("RGB", (30, 30)).save(tmp_path / "odd.png")
+    assert main(["score", "--model", "world", "--scorer", "lrm", "--prompt", "x", str(tmp_path / "odd.png")]) == 2
+    assert "multiple of 4 pixels" in capsys.readouterr().err
+
+
 # -- LPO -------------------------------------------------------------------------------------------
 
 def test_lpos_dynamic_threshold_is_its_sigma_table():
@@ -243,3 +277,10 @@ def test_matches_lpos_own_module_at_real_sd15_size():
         scores = model.scores(model.image_embeds(features), pooled)
     assert (features - ref["concat_features"]).abs().max() < 1e-4
     assert (scores - ref["scores"]).abs().max() < 1e-5
+
+
+def test_the_score_tab_says_where_the_latent_scorer_works(lrm, tmp_path):
+    from spo_core.ui import actions
+
+    with pytest.raises(ConfigError, match="scores a model's latents, not image files"):
+        actions.score_files([str(tmp_path / "a.png")], "a cat", LRMScorer(lrm))

@@ -198,6 +198,9 @@ def score_files(paths: Sequence[str], prompt: str | None, scorer: Any, timestep:
     """Score image files; returns (path, score) best first."""
     if not paths:
         raise ConfigError("no images: add one or more image files")
+    if getattr(scorer, "input_kind", "pixels") == "latent":
+        raise ConfigError(f"the {scorer.name} scorer scores a model's latents, not image files: use it in Sample or Train, "
+                          "or `spo score --scorer lrm --model MODEL` (which encodes the files with that model's VAE)")
     prompt = (prompt or "").strip() or None
     if getattr(scorer, "needs_prompt", False) and not prompt:
         raise ConfigError(f"the scorer {scorer.name!r} compares images with their prompt: type the prompt")
