@@ -86,6 +86,19 @@ def xy_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: 
     return img
 
 
+def count_scorer_rows(scorer) -> list[int]:
+    """Count the rows `scorer.score` sees from now on (the candidates a method scores while it trains)."""
+    count = [0]
+    score = scorer.score
+
+    def counted(inputs, *a, **kw):
+        count[0] += int(inputs.shape[0])
+        return score(inputs, *a, **kw)
+
+    scorer.score = counted
+    return count
+
+
 def steering_curve(base, pairs, plain, args) -> dict:
     """GT against denoiser evaluations per image: best-of-N, greedy per-step k = N, FK with N particles."""
     from spo_core.sampling import ResamplerConfig
@@ -140,7 +153,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--steering-budgets", default="", help="e.g. 4,8,16: the steering comparison at these budgets")
     p.add_argument("--steering-scorers", default="spm", help="spm and/or lrm")
-    p.add_argument("--fk", default="potential=max,lam=10,every=5", help="FK settings (bench/fk_sweep.py)")
+    p.add_argument("--fk", default="potential=diff,lam=10,every=5", help="FK settings (best in bench/fk_sweep.py, training prompts)")
     p.add_argument("--skip-sampling", action="store_true", help="skip part 2 (the k = 4/5 resampler arms)")
     args = p.parse_args()
     if args.threads:
@@ -163,7 +176,7 @@ def main() -> None:
 
     training: dict[str, list[dict]] = {}
     for method in [m for m in args.methods.split(",") if m]:
-        spent, seconds, lrm_spent = [0], [0.0], [0]
+        spent, seconds, lrm_spent, scorer_rows = [0], [0.0], [0], [0]
         training[method] = []
         # spo_oracle: SPO with the exact ground truth as its step scorer (GT is in [0, 1], so its
         # softmax gaps are small: threshold 0.01), the bound on what a better SPM could give here
@@ -175,13 +188,16 @@ def main() -> None:
             t = time.perf_counter()
             learner = WorldGroundTruthScorer() if oracle else world_scorer(method, scorer)
             lrm_rows = UNetCounter(learner.model.unet) if method == "lpo" else None
+            scored = count_scorer_rows(learner)
             result = train_lora(cfg, learner, counter=spent, resume=i > 0)
+            scorer_rows[0] += scored[0]
             seconds[0] += time.perf_counter() - t
             if lrm_rows is not None:
                 lrm_spent[0] += lrm_rows.rows
                 lrm_rows.close()
             arm = sample_arm(method, _merged_backend(result.lora_path), pairs)
             row = {"steps": result.steps, "unet_evaluations": spent[0], "train_seconds": round(seconds[0], 1),
+                   "scorer_rows": scorer_rows[0],  # candidates scored: SPO's each after a VAE decode, LPO's none
                    **arm.stats.as_dict(), "vs_base": paired_comparison(arm.gt, plain.gt)}
             if method == "lpo":  # the LRM's encoder passes (CFG: 2 rows per candidate), beside the UNet's
                 row["lrm_encoder_evaluations"] = lrm_spent[0]

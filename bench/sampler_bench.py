@@ -23,6 +23,10 @@ same UNet, the same latents), all random weights at real sizes:
   (the UNet's encoder with CFG on the mid feature), no x0 pass, no decode.
 Target (issue 16): the LRM step costs at most 0.5x the pixel step.
 
+FK steering (`--fk-particles 4,8`): N particles weighed and resampled at every step, the time of the
+particle bookkeeping (weights, multinomial, reindexing; not scoring) as a share of the run. Target
+(issue 17): under 2% of a step's wall time.
+
     python bench/sampler_bench.py [--models tiny,sd15] [--ks 2,4,8] [--threads 1] [--scoring]
                                   [--device cpu|cuda] [--dtype fp32|fp16] [--out bench/results/sampler_bench.json]
 """
@@ -140,11 +144,37 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         rows.append(r)
         print(f"[{name}] k={k}: {r['wall_s']:.3f} s, ratio {r['wall_ratio']} (steady step {r['steady_step_ratio']}), "
               f"evaluations by step {r['evaluations_by_step_per_prompt']}", flush=True)
+    fk_rows = [run_fk(backend, cond, x, sigmas, n, device, repeats) for n in args.fk_particles]
+    for r in fk_rows:
+        print(f"[{name}] FK {r['particles']} particles, weighed at every step: {r['wall_s']:.3f} s, resampling overhead "
+              f"{r['overhead_s'] * 1e3:.2f} ms = {100 * r['overhead_share']:.2f}% of the run", flush=True)
     params = sum(p.numel() for p in pipe.unet.parameters())
     px = latent * (8 if name == "sd15" else backend.vae_scale_factor)  # sd15: the size with SD's real VAE
     del pipe, backend
     return {"model": name, "unet_params_m": round(params / 1e6, 1), "latent": [4, latent, latent],
-            "image_px": px, "steps": steps, "batch": batch, "guidance": 5.0, "runs": rows}
+            "image_px": px, "steps": steps, "batch": batch, "guidance": 5.0, "runs": rows, "fk": fk_rows}
+
+
+def run_fk(backend, cond, x, sigmas, n: int, device, repeats: int, guidance: float = 5.0) -> dict:
+    """FK steering with n particles, weighed and resampled at every step (the most overhead it can have):
+    the time of its own bookkeeping (weights, multinomial, reindexing; not scoring) over the run's wall."""
+    decode = LatentRGBDecoder("sd15", upscale=8)
+    cfg = ResamplerConfig(k=n, policy="fk", window=(0, 999), score_every=1, potential="max", lam=10.0)
+    best = None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        res = resample(backend.denoiser(guidance), cond, x, sigmas, backend.schedule, BrightnessScorer(), decode, None,
+                       cfg, seed=0)
+        sync(device)
+        wall = time.perf_counter() - t0
+        if best is None or wall < best[0]:
+            best = (wall, res)
+    wall, res = best
+    stats = res.particle_stats
+    return {"particles": n, "wall_s": round(wall, 4), "weighings": len(stats.events),
+            "resamplings": sum(int(e.resampled.sum()) for e in stats.events), "overhead_s": round(stats.overhead_s, 6),
+            "overhead_share": round(stats.overhead_s / wall, 5), "evaluations": res.evaluations}
 
 
 def bench_scoring(args, device: torch.device, dtype: torch.dtype, k: int = 4) -> dict:
@@ -226,11 +256,13 @@ def main() -> None:
     ap.add_argument("--tiny-steps", type=int, default=10)
     ap.add_argument("--sd15-latent", type=int, default=16, help="latent side: 16 = 128 px (CPU), 64 = 512 px (GPU)")
     ap.add_argument("--sd15-steps", type=int, default=3)
+    ap.add_argument("--fk-particles", default="4,8", help="FK steering runs (resampling overhead); empty: none")
     ap.add_argument("--scoring", action="store_true", help="also: one pooled k=4 step with SPM-H + VAE vs the LRM")
     ap.add_argument("--scoring-repeats", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sampler_bench.json"))
     args = ap.parse_args()
     args.ks = [int(k) for k in args.ks.split(",") if k]
+    args.fk_particles = [int(n) for n in args.fk_particles.split(",") if n]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -145,10 +145,16 @@ def _graph(sampler: str, k: int = 3, batch: int = 2, seed: int = 42, eta: float 
            window=(0, 999), policy: str = "greedy") -> dict:
     """API-format workflow: tiny model/VAE/conds, a JPEG scorer, and the resampler through SamplerCustom
     ("custom"), the stock KSampler with the SPO Resampling patch ("ksampler"), or stock euler_ancestral
-    ("reference")."""
+    ("reference"); "fk-custom" / "fk-ksampler": FK steering with k particles, the same two ways."""
     options = {"scorer": ["6", 0], "vae": ["2", 0], "prompt": "a red apple", "k": k, "policy": policy, "eta": eta,
                "window_t_min": window[0], "window_t_max": window[1], "score_every": 1, "temperature": 1.0,
                "lookahead_steps": 0}
+    fk = sampler.startswith("fk-")
+    if fk:
+        options = {"scorer": ["6", 0], "vae": ["2", 0], "prompt": "a red apple", "particles": k, "potential": "diff",
+                   "lam": 10.0, "eta": eta, "window_t_min": window[0], "window_t_max": window[1], "resample_every": 2,
+                   "adaptive": False}
+        sampler = sampler[3:]
     g = {
         "1": {"class_type": "SPOTest_TinyModel", "inputs": {"seed": 0, "sdxl": False}},
         "2": {"class_type": "SPOTest_TinyVAE", "inputs": {"seed": 0}},
@@ -166,14 +172,14 @@ def _graph(sampler: str, k: int = 3, batch: int = 2, seed: int = 42, eta: float 
         latent = ["13", 0]
     if sampler in ("custom", "reference"):
         if sampler == "custom":
-            g["7"] = {"class_type": "SPOPerStepResampler", "inputs": options}
+            g["7"] = {"class_type": "SPOFKSteeringSampler" if fk else "SPOPerStepResampler", "inputs": options}
         else:
             g["7"] = {"class_type": "SamplerEulerAncestral", "inputs": {"eta": eta, "s_noise": 1.0}}
         g["9"] = {"class_type": "SamplerCustom", "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": seed, "cfg": 2.0,
                                                              "positive": ["3", 0], "negative": ["4", 0], "sampler": ["7", 0],
                                                              "sigmas": ["8", 0], "latent_image": latent}}
     else:
-        g["7"] = {"class_type": "SPOResampling", "inputs": {"model": ["1", 0], **options}}
+        g["7"] = {"class_type": "SPOFKSteering" if fk else "SPOResampling", "inputs": {"model": ["1", 0], **options}}
         g["9"] = {"class_type": "KSampler", "inputs": {"model": ["7", 0], "seed": seed, "steps": STEPS, "cfg": 2.0,
                                                        "sampler_name": "euler", "scheduler": "ddim_uniform", "positive": ["3", 0],
                                                        "negative": ["4", 0], "latent_image": latent, "denoise": 1.0}}
@@ -224,6 +230,22 @@ def test_stock_ksampler_with_spo_resampling_patch_equals_sampler_custom(comfy):
     torch.testing.assert_close(out["latent"]["samples"], custom)
     assert out["grid"].shape[0] == 2
     assert [p[1] for p in comfy.progress if p[0] == "9"] == list(range(1, STEPS + 1))
+
+
+def test_fk_steering_through_sampler_custom_and_the_ksampler_patch(comfy):
+    """The latent's batch is the images; each is a population of k particles sampled as one batch."""
+    out = _sample(comfy, sampler="fk-custom", k=3, batch=2)
+    latent, trace = out["latent"]["samples"], out["trace"]
+    assert latent.shape == (2, 4, 8, 8) and torch.isfinite(latent).all()
+    result = trace.result
+    assert result.evaluations == 2 * 2 * 3 * STEPS  # CFG x images x particles x steps: no extra evaluation
+    events = result.particle_stats.events
+    assert events and events[-1].i == STEPS - 1  # always weighed at the last step
+    assert out["grid"].shape[0] == 2
+    assert [p[1] for p in comfy.progress if p[0] == "9"] == list(range(1, STEPS + 1))
+    patched = _sample(comfy, sampler="fk-ksampler", k=3, batch=2)["latent"]["samples"]
+    torch.testing.assert_close(patched, latent)
+    torch.testing.assert_close(_sample(comfy, sampler="fk-custom", k=3, batch=2)["latent"]["samples"], latent)  # seeded
 
 
 def test_noise_mask_with_batch_above_one_is_a_clear_error_and_the_queue_goes_on(comfy):

@@ -201,7 +201,7 @@ def test_blocks_build_with_every_tab(tmp_path):
     assert isinstance(demo, gr.Blocks)
     config = demo.get_config_file()
     labels = {c.get("props", {}).get("label") for c in config["components"]}
-    for label in ("prompts (one per line)", "LoRA file", "images", "k candidates", "loss / reward", "scorer"):
+    for label in ("prompts (one per line)", "LoRA file", "images", "k candidates (fk: particles)", "loss / reward", "scorer"):
         assert label in labels, label
     api_names = {d.get("api_name") for d in config.get("dependencies", [])}
     assert {"train", "sample", "lora_inspect", "lora_convert", "lora_extract", "lora_merge", "score"} <= api_names

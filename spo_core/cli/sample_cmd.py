@@ -38,10 +38,9 @@ def register(sub) -> None:
     fk.add_argument("--particles", type=int, help="particles per prompt (sets --policy fk and --k)")
     fk.add_argument("--potential", choices=["max", "diff", "add", "rt"], default="max", help="the potential of the rewards")
     fk.add_argument("--lam", type=float, default=10.0, help="lambda: how strongly rewards weigh (> 0)")
-    fk.add_argument("--resample-every", type=int, help="resample every n-th step inside the window (default: "
-                                                         "--score-every); always at the last step")
+    fk.add_argument("--resample-every", type=int, help="resample every n-th step inside the window (default 5); always at the last step")
     fk.add_argument("--adaptive", action="store_true", help="resample only when the effective sample size < N/2")
-    p.add_argument("--window", default="0:751", help="parent timesteps where pools are drawn, LO:HI (SPO: 0:751)")
+    p.add_argument("--window", help="parent timesteps where pools are drawn, LO:HI (default 0:751, SPO's; fk: 0:999)")
     p.add_argument("--score-every", type=int, default=1, help="pool every n-th step inside the window")
     p.add_argument("--inner-steps", type=int, default=0, help="multi-step segments: j steps per candidate before scoring")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="baseline: best of N full samples instead")
@@ -105,13 +104,14 @@ def _sample(args: argparse.Namespace) -> int:
     if args.policy == "fk" and args.k < 2:
         raise ConfigError(f"FK steering with {args.k} particle is plain sampling: use --particles 2 or more, or --k 1 "
                           "without --policy fk")
-    window = parse_window(args.window)
+    fk = args.policy == "fk"
+    window = parse_window(args.window or ("0:999" if fk else "0:751"))
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
     pooled = args.k > 1 or args.best_of > 1
     config = ResamplerConfig(k=args.k if args.best_of <= 1 else 1, policy=args.policy if args.best_of <= 1 else "greedy",
                              eta=args.eta, temperature=args.temperature, window=window,
-                             score_every=args.resample_every or args.score_every if args.policy == "fk" else args.score_every,
+                             score_every=(args.resample_every or 5) if fk else args.score_every,
                              inner_steps=args.inner_steps, keep_images=bool(args.trace), potential=args.potential,
                              lam=args.lam, adaptive=args.adaptive)
     config.validate()  # eta = 0 with k > 1 and the like: say so before loading the model
