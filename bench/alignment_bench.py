@@ -109,7 +109,6 @@ def steering_curve(base, pairs, plain, args) -> dict:
                   adaptive=fk.get("adaptive", "false").lower() == "true", window=(0.0, 999.0))
     budgets = [int(v) for v in args.steering_budgets.split(",") if v]
     out = {"fk_settings": fk_cfg, "budgets": budgets, "arms": {}}
-    series: dict[str, list] = {"plain": [(40.0, plain.stats.mean)]}
     for scorer_name in [s for s in args.steering_scorers.split(",") if s]:
         scorer = load_scorer(scorer_name, "world")
         for n in budgets:
@@ -128,14 +127,26 @@ def steering_curve(base, pairs, plain, args) -> dict:
                 if not name.startswith("best-of"):
                     row["vs_best_of_n"] = paired_comparison(arm.gt, results[f"best-of-{n}"].gt)
                 out["arms"][label] = row
-                series.setdefault(f"{name.split(' ')[0]} ({scorer_name})", []).append((row["unet_evaluations_per_image"], arm.stats.mean))
                 vs = row.get("vs_best_of_n")
                 print(f"{label}: GT {arm.stats.mean:.3f}, {row['unet_evaluations_per_image']:.0f} UNet evaluations per image"
                       + (f" | vs best-of-{n} {vs['mean_delta']:+.3f} (95% CI {vs['ci95'][0]:+.3f} .. {vs['ci95'][1]:+.3f}), "
                          f"higher on {vs['beats']:.0%}" if vs else ""), flush=True)
-    save_png(xy_chart(series, f"held-out GT vs sampling compute ({len(pairs)} images)", "UNet evaluations per image",
-                      "GT", thousands=False), args.out / "alignment_steering.png")
+    out["plain"] = {"gt": plain.stats.mean, "unet_evaluations_per_image": 40.0}
+    plot_steering(out, len(pairs), args.out / "alignment_steering.png")
     return out
+
+
+def plot_steering(steering: dict, images: int, path: Path) -> None:
+    """GT against UNet evaluations per image, one line per arm kind and scorer. A latent scorer's greedy
+    arm scores candidates without a UNet pass, so its x is the UNet's rows alone (the LRM's are extra)."""
+    series: dict[str, list] = {"plain": [(steering["plain"]["unet_evaluations_per_image"], steering["plain"]["gt"])]}
+    for label, row in steering["arms"].items():
+        name, scorer = label[:-1].rsplit(" (", 1)
+        kind = "best-of-N" if name.startswith("best-of") else name.split(" ")[0]
+        key = f"{kind} ({scorer}" + (", UNet rows only)" if kind == "greedy" and scorer == "lrm" else ")")
+        series.setdefault(key, []).append((row["unet_evaluations_per_image"], row["mean"]))
+    save_png(xy_chart(series, f"held-out GT vs sampling compute ({images} images)", "UNet evaluations per image",
+                      "GT", thousands=False), path)
 
 
 def main() -> None:
@@ -155,7 +166,14 @@ def main() -> None:
     p.add_argument("--steering-scorers", default="spm", help="spm and/or lrm")
     p.add_argument("--fk", default="potential=diff,lam=10,every=5", help="FK settings (best in bench/fk_sweep.py, training prompts)")
     p.add_argument("--skip-sampling", action="store_true", help="skip part 2 (the k = 4/5 resampler arms)")
+    p.add_argument("--replot-steering", type=Path, metavar="JSON", help="only redraw alignment_steering.png from a result")
     args = p.parse_args()
+    if args.replot_steering:
+        record = json.loads(args.replot_steering.read_text())
+        steering = record["steering"]
+        steering.setdefault("plain", {"gt": record["base"]["mean"], "unet_evaluations_per_image": 40.0})
+        plot_steering(steering, record["eval_images"], args.out / "alignment_steering.png")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     stages = [int(v) for v in args.stages.split(",")]
