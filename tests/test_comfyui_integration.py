@@ -238,7 +238,7 @@ def test_fk_steering_through_sampler_custom_and_the_ksampler_patch(comfy):
     latent, trace = out["latent"]["samples"], out["trace"]
     assert latent.shape == (2, 4, 8, 8) and torch.isfinite(latent).all()
     result = trace.result
-    assert result.evaluations == 2 * 2 * 3 * STEPS  # CFG x images x particles x steps: no extra evaluation
+    assert result.evaluations == 2 * 3 * STEPS  # images x particles x steps (a row through CFG): nothing extra
     events = result.particle_stats.events
     assert events and events[-1].i == STEPS - 1  # always weighed at the last step
     assert out["grid"].shape[0] == 2
