@@ -206,6 +206,18 @@ def test_txt2img_with_the_spo_sampler(server):
     assert len(r["images"]) == 2
 
 
+def test_txt2img_with_fk_steering_over_the_api(server):
+    """policy fk with the three trailing FK arguments: k particles per image, resampled by the scorer."""
+    args = [3, "fk", 0, 999, "jpeg_compressibility", "None", 1, "diff", 5.0, False]
+    r = _call(server["url"] + "/sdapi/v1/txt2img", {
+        "prompt": "a red cube", "steps": 3, "width": 64, "height": 64, "sampler_name": SAMPLER, "seed": 7, "batch_size": 2,
+        "alwayson_scripts": {"spo sampler": {"args": args}}})
+    text = json.loads(r["info"])["infotexts"][0]
+    assert "SPO policy: fk" in text and "SPO potential: diff" in text and "SPO lambda: 5" in text, text
+    assert "SPO resamplings:" in text, text
+    assert len(r["images"]) == 2
+
+
 def _pixels(image_b64: str):
     import base64
     import io
