@@ -41,8 +41,8 @@ def test_jpeg_scores_follow_ddpo():
 
 def test_registry_lists_every_scorer_with_what_it_needs():
     infos = {s.name: s for s in available_scorers()}
-    assert set(infos) == {"spm", "pickscore", "hpsv2", "aesthetic", "clip", "jpeg_compressibility", "jpeg_incompressibility"}
-    assert [n for n, s in infos.items() if s.step_aware] == ["spm"]
+    assert set(infos) == {"spm", "lrm", "pickscore", "hpsv2", "aesthetic", "clip", "jpeg_compressibility", "jpeg_incompressibility"}
+    assert [n for n, s in infos.items() if s.step_aware] == ["spm", "lrm"]
     assert "Step-Aware_Preference_Models" in infos["spm"].weights_hint and "PickScore_v1" in infos["pickscore"].weights_hint
     assert "xswu/HPSv2" in infos["hpsv2"].weights_hint and "sac+logos+ava1-l14-linearMSE.pth" in infos["aesthetic"].weights_hint
     assert not infos["jpeg_compressibility"].needs_weights and not infos["aesthetic"].needs_prompt
@@ -79,7 +79,7 @@ def test_bad_images_and_prompts(name, tiny_spm_file):
         scorer.score(images * 2 - 1, ["a", "b"])
     with pytest.raises(InvalidTensorError, match="NaN|\\[0,1\\]"):
         scorer.score(images.masked_fill(images > 0.5, float("nan")), ["a", "b"])
-    with pytest.raises(InvalidTensorError, match=r"shape \[B,3,H,W\]"):
+    with pytest.raises(InvalidTensorError, match=r"decoded images \[B,3,H,W\] in \[0,1\], not 1-channel latents"):
         scorer.score(images[:, :1], ["a", "b"])
     with pytest.raises(InvalidTensorError, match=r"shape \[B,3,H,W\]"):
         scorer.score(images[0], ["a"])

@@ -110,7 +110,9 @@ def build_webui_tab(models: Path):
     with gr.Blocks(analytics_enabled=False) as txt2img:
         components = script.ui(False)
     txt2img.get_config_file()
-    assert len(components) == 7
+    from spo_webui.options import ARG_NAMES
+
+    assert len(components) == len(ARG_NAMES) == 10  # k, policy, window, scorer, weights, every + the FK fields
     return f"tab + {len(components)} script controls"
 
 
