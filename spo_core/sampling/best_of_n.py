@@ -15,7 +15,7 @@ from ..progress import CancelFn, ProgressFn
 from .denoiser import Conditioning, CountingDenoiser, Decoder, Denoiser, repeat_cond
 from .resampler import ResampleResult, StepRecord, _check_scorer, _scores, is_latent_scorer
 from .samplers import StepCallback, sample_ancestral
-from .schedule import NoiseSchedule, check_sigmas, sigma_space_to_vp
+from .schedule import NoiseSchedule, check_sigmas
 
 
 @torch.no_grad()
@@ -51,9 +51,9 @@ def best_of_n(
     counter = denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)
     start_rows, start_calls = counter.rows, counter.calls
     out = sample_ancestral(counter, repeat_cond(cond, n), x_starts, sig, eta=eta, generator=generator, seed=seed,
-                           callback=callback, cancel=cancel, progress=progress)
+                           schedule=schedule, callback=callback, cancel=cancel, progress=progress)
     final_sigma = float(sig[-1])
-    final = sigma_space_to_vp(out.x, final_sigma) if final_sigma > 0 else out.x
+    final = schedule.model_latent(out.x, final_sigma)
     if is_latent_scorer(scorer):  # the final latents, at the timestep of the last step (LPO's convention)
         images, t_scored, decoded = final, round(float(schedule.timestep(float(sig[-2]))), 4), 0
     else:

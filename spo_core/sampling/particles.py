@@ -218,8 +218,7 @@ def fk_sample(denoiser, cond, x: torch.Tensor, sigmas: torch.Tensor, schedule, s
     from .denoiser import CountingDenoiser, call_denoiser, repeat_cond
     from .resampler import ResampleResult, StepRecord, _check_scorer, _scores, _thumbs, is_latent_scorer
     from .samplers import StepInfo, randn_like
-    from .schedule import sigma_space_to_vp
-    from .step import ancestral_mean, ancestral_sigmas
+    from .step import stochastic_step
 
     n_steps = len(sigmas) - 1
     check_particle_config(cfg, n_steps)
@@ -242,8 +241,7 @@ def fk_sample(denoiser, cond, x: torch.Tensor, sigmas: torch.Tensor, schedule, s
     def step_fn(i: int, xs: torch.Tensor):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         x0 = call_denoiser(counter, xs, s, cond_n)
-        down, up = ancestral_sigmas(s, s_next, cfg.eta)
-        mean = ancestral_mean(xs, x0, s, down)
+        mean, up = stochastic_step(schedule, xs, x0, s, s_next, cfg.eta)
         nxt = mean + float(up) * randn_like(xs.shape, generator, xs) if float(up) > 0 else mean
         if callback is not None:
             callback(StepInfo(i, n_steps, nxt[:b], x0[:b], s, s_next))
@@ -253,7 +251,7 @@ def fk_sample(denoiser, cond, x: torch.Tensor, sigmas: torch.Tensor, schedule, s
         t = round(float(schedule.timestep(float(sigmas[i]))), 4)
         if latent:
             s_next = float(sigmas[i + 1])
-            images = sigma_space_to_vp(x_next, s_next) if s_next > 0 else x_next
+            images = schedule.model_latent(x_next, s_next)
         else:
             images = decode(x0)
             counts["decodes"] += n * b
@@ -274,7 +272,7 @@ def fk_sample(denoiser, cond, x: torch.Tensor, sigmas: torch.Tensor, schedule, s
                                      lambda i: schedule.timestep(float(sigmas[i])), cancel, progress, on_event)
     # the best final particle per prompt, by the final images' reward
     s_end = float(sigmas[-1])
-    final = sigma_space_to_vp(final_pop, s_end) if s_end > 0 else final_pop
+    final = schedule.model_latent(final_pop, s_end)
     images = final if latent else decode(final)
     t_end = round(float(schedule.timestep(float(sigmas[-2]))), 4) if latent else 0.0
     scores = _rewards(scorer, images, prompts_n, torch.full((n * b,), t_end)).reshape(n, b).float()

@@ -37,8 +37,8 @@ from ..errors import Cancelled, ConfigError, InvalidTensorError
 from ..progress import CancelFn, ProgressFn, Reporter
 from .denoiser import Conditioning, CountingDenoiser, Decoder, Denoiser, call_denoiser, repeat_cond
 from .samplers import StepCallback, StepInfo, make_generator, randn_like
-from .schedule import NoiseSchedule, check_sigmas, sigma_space_to_vp
-from .step import ancestral_mean, ancestral_sigmas
+from .schedule import NoiseSchedule, check_sigmas
+from .step import stochastic_step
 
 POLICIES = ("greedy", "random", "softmax", "pairs", "fk")
 
@@ -107,6 +107,8 @@ class ResamplerConfig:
         lo, hi = self.window
         if lo > hi:
             raise ConfigError(f"step window {self.window}: the lower bound is above the upper bound")
+        if schedule is not None and getattr(schedule, "is_flow", False):
+            check_flow_schedule(schedule, sigmas, self.k)
         if self.k > 1 and sigmas is not None and schedule is not None:
             ts = [round(float(schedule.timestep(s)), 2) for s in sigmas[:-1] if float(s) > 0]
             nexts = sigmas[1:]
@@ -115,6 +117,16 @@ class ResamplerConfig:
                     f"step window t in [{lo:g}, {hi:g}] contains no step of this schedule "
                     f"(its steps start at t = {', '.join(f'{t:g}' for t in ts[:25])}); widen the window"
                 )
+
+
+def check_flow_schedule(schedule, sigmas: torch.Tensor | None, k: int) -> None:
+    """A flow model's sigmas lie in [0, 1]; its deterministic Euler step cannot give k different candidates."""
+    if sigmas is not None and float(sigmas.max()) > 1.0 + 1e-6:
+        raise ConfigError(f"this sigma schedule starts at {float(sigmas.max()):.4g}, but a rectified-flow model's sigmas "
+                          "lie in [0, 1]: these sigmas belong to a discrete eps/v model (use the flow model's own scheduler)")
+    if k > 1 and schedule.step == "euler":
+        raise ConfigError("the flow Euler step is deterministic, so the k candidates of a pool would be identical; "
+                          "use the rf_ancestral, sde or cps step, or k = 1")
 
 
 @dataclass
@@ -305,8 +317,7 @@ def resample(
         pool_now = in_window and pool_count % cfg.score_every == 0
         if in_window:
             pool_count += 1
-        down, up = ancestral_sigmas(s, s_next, cfg.eta)
-        mean = ancestral_mean(x, x0, s, down)
+        mean, up = stochastic_step(schedule, x, x0, s, s_next, cfg.eta)
         if not pool_now:
             if float(up) > 0:
                 z = host_noise().to(x) if host_noise is not None else randn_like(x.shape, g, x)
@@ -334,8 +345,7 @@ def resample(
         for step in range(j):  # multi-step segment: each candidate goes on alone for j steps
             nxt_sigma = float(sig[i + 2 + step])
             cur_x0 = call_denoiser(counter, cur, cur_sigma, cond_k)
-            d2, u2 = ancestral_sigmas(cur_sigma, nxt_sigma, cfg.eta)
-            m2 = ancestral_mean(cur, cur_x0, cur_sigma, d2)
+            m2, u2 = stochastic_step(schedule, cur, cur_x0, cur_sigma, nxt_sigma, cfg.eta)
             nxt = m2 + float(u2) * randn_like(cur.shape, g, cur) if float(u2) > 0 else m2
             chain.append((cur, nxt, cur_sigma, nxt_sigma, float(u2)))
             cur, cur_sigma, cur_x0 = nxt, nxt_sigma, None
@@ -344,13 +354,13 @@ def resample(
         decoded = 0
         if latent_scoring:  # LPO: the noisy candidates themselves, at the timestep of the step that made them
             producer = float(sig[end_index - 1])
-            images = sigma_space_to_vp(cur, cur_sigma) if cur_sigma > 0 else cur
+            images = schedule.model_latent(cur, cur_sigma)
             t_scored = round(float(schedule.timestep(producer)), 4)
         elif cur_sigma == 0:
             images, t_scored = decode(cur), 0.0
             decoded = k * b
         elif last and cfg.final_decode:  # final candidates: decode the latents themselves (SPO's last step)
-            images, t_scored = decode(sigma_space_to_vp(cur, cur_sigma)), 0.0
+            images, t_scored = decode(schedule.model_latent(cur, cur_sigma)), 0.0
             decoded = k * b
         else:  # one batched call for all k*B candidates; the chosen rows are the next step's evaluation
             cur_x0 = call_denoiser(counter, cur, cur_sigma, cond_k)

@@ -20,7 +20,7 @@ from ..errors import Cancelled, ConfigError
 from ..progress import CancelFn, ProgressFn, Reporter
 from .denoiser import Conditioning, CountingDenoiser, Denoiser, call_denoiser
 from .schedule import NoiseSchedule, check_sigmas
-from .step import ancestral_mean, ancestral_sigmas, transition_log_prob
+from .step import stochastic_step, transition_log_prob
 
 
 @dataclass
@@ -110,8 +110,7 @@ def sample_ancestral(
             raise Cancelled("sampling was cancelled")
         s, s_next = float(sig[i]), float(sig[i + 1])
         x0 = call_denoiser(counter, x, s, cond)
-        down, up = ancestral_sigmas(s, s_next, eta)
-        mean = ancestral_mean(x, x0, s, down)
+        mean, up = stochastic_step(schedule, x, x0, s, s_next, eta)
         if float(up) > 0:
             x_next = mean + float(up) * randn_like(x.shape, g, x)
         else:

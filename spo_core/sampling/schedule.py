@@ -129,6 +129,19 @@ class NoiseSchedule:
         """SPO's sampling schedule: 20 DDIM 'leading' steps t = 951, 901, ..., 1, then sigma(0)."""
         return self.ddim_sigmas(steps, steps_offset=1, spacing="leading", final="alpha0")
 
+    is_flow = False
+
+    def model_latent(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The model-space (VP) latent of a sigma-space sample: what a VAE or a latent scorer reads."""
+        return sigma_space_to_vp(x, sigma) if float(torch.as_tensor(sigma).max()) > 0 else x
+
+    def ancestral_step(self, x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, eta: float):
+        """(mean, std) of the DDIM(eta) = Euler-ancestral step (step.py)."""
+        from .step import ancestral_mean, ancestral_sigmas
+
+        down, up = ancestral_sigmas(sigma, sigma_next, eta)
+        return ancestral_mean(x, x0, sigma, down), float(up)
+
     def karras_sigmas(self, steps: int, rho: float = 7.0) -> torch.Tensor:
         """Karras et al. spacing between this schedule's sigma_min and sigma_max, ending in 0."""
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)

@@ -51,6 +51,16 @@ def ancestral_step(x: torch.Tensor, x0: torch.Tensor, sigma, sigma_next, eta: fl
     return mean + expand_like(up, x) * noise
 
 
+def stochastic_step(schedule, x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float,
+                    eta: float) -> tuple[torch.Tensor, float]:
+    """(mean, std) of the model's own stochastic step: the schedule's (DDIM(eta) for discrete eps/v
+    models, ComfyUI's RF ancestral step or an SDE step for flow models), DDIM(eta) without one."""
+    if schedule is not None:
+        return schedule.ancestral_step(x, x0, sigma, sigma_next, eta)
+    down, up = ancestral_sigmas(sigma, sigma_next, eta)
+    return ancestral_mean(x, x0, sigma, down), float(up)
+
+
 def transition_log_prob(x_next: torch.Tensor, mean: torch.Tensor, sigma_up: torch.Tensor | float, reduce: str = "mean") -> torch.Tensor:
     """log N(x_next; mean, sigma_up^2) per row: the mean over elements (SPO, DDPO) or the sum.
 
