@@ -20,6 +20,7 @@ import torch
 
 from spo_core.errors import ConfigError, ModelMismatchError
 from spo_core.sampling import NoiseSchedule, ResamplerConfig, resample
+from spo_core.sampling.flow import FlowSchedule
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,23 @@ def base_model_of(model):
     return getattr(inner, "inner_model", inner)
 
 
-def noise_schedule(base_model) -> NoiseSchedule:
-    """The model's 1000 training noise levels as a spo_core NoiseSchedule (discrete EPS / v models)."""
+def is_flow_model(base_model) -> bool:
+    """Rectified-flow models (SD3, Flux, and any model patched by ModelSamplingSD3/Flux) sample with CONST."""
+    return "CONST" in [c.__name__ for c in type(base_model.model_sampling).__mro__]
+
+
+def noise_schedule(base_model):
+    """The model's noise levels as a spo_core schedule: a FlowSchedule for CONST (rectified-flow) models,
+    whose stochastic step is ComfyUI's own RF ancestral step, else the 1000 discrete training levels."""
     ms = base_model.model_sampling
-    if "CONST" in [c.__name__ for c in type(ms).__mro__] or not hasattr(ms, "sigmas"):
+    if is_flow_model(base_model):
+        if "ModelSamplingFlux" in [c.__name__ for c in type(ms).__mro__]:
+            return FlowSchedule(mu=float(ms.shift))
+        return FlowSchedule(shift=float(getattr(ms, "shift", 1.0)))
+    if not hasattr(ms, "sigmas"):
         raise ModelMismatchError(
-            f"the per-step resampler works with SD1.5/SD2/SDXL-style (discrete eps or v) models; this model samples "
-            f"with {type(ms).__name__}"
+            f"the per-step resampler works with discrete eps/v models (SD1.5/SD2/SDXL) and rectified-flow models "
+            f"(SD3, Flux); this model samples with {type(ms).__name__}"
         )
     sigmas = ms.sigmas.detach().double().cpu()
     return NoiseSchedule(1.0 / (1.0 + sigmas * sigmas))
@@ -76,8 +87,13 @@ def noise_schedule(base_model) -> NoiseSchedule:
 
 def check_scorer_fits(scorer, base_model) -> None:
     """A latent reward model must be made for this model's architecture (refused naming both)."""
+    from spo_core.sampling.resampler import is_latent_scorer
     from spo_core.scorers.lrm import check_latent_scorer_fits
 
+    if is_flow_model(base_model) and is_latent_scorer(scorer):
+        raise ModelMismatchError(f"the latent reward model {getattr(scorer, 'name', 'lrm')!r} reads SD1.5/SDXL UNet "
+                                 f"latents; this is a rectified-flow model ({type(base_model).__name__}): use a pixel "
+                                 "scorer (SPM, PickScore, HPSv2, aesthetic, CLIP, JPEG)")
     unet = getattr(getattr(base_model, "model_config", None), "unet_config", None) or {}
     family = "sdxl" if unet.get("adm_in_channels") else "sd1"
     check_latent_scorer_fits(scorer, family, unet.get("context_dim"), f"the model ({type(base_model).__name__})")

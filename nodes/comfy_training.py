@@ -23,13 +23,13 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from spo_core.errors import ConfigError
+from spo_core.errors import ConfigError, ModelMismatchError
 from spo_core.lora import ModuleTable, load_table
 from spo_core.lora.tables import ModuleInfo
 from spo_core.sampling import TensorConditioning
 from spo_core.training import LoRARoot
 
-from .comfy_sampling import noise_schedule
+from .comfy_sampling import is_flow_model, noise_schedule
 from .host import model_arch
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,11 @@ class ComfyTrainingHost:
         self.is_sdxl = self.arch in ("sdxl", "custom-sdxl")
         self.device = comfy.model_management.get_torch_device()
         self.dtype = self.base.get_dtype()
+        if is_flow_model(self.base):
+            raise ModelMismatchError(
+                f"training on rectified-flow models ({type(self.base).__name__}, CONST sampling) is not available yet: "
+                "the pack samples, scores and steers them, but its trainers are for SD1.5/SD2/SDXL models"
+            )
         self.schedule = noise_schedule(self.base)
         image_size = int(dict(self.base.model_config.unet_config).get("image_size", 64) or 64)
         self.default_size = _DEFAULT_SIZE.get(self.arch, image_size * 8)

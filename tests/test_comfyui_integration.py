@@ -142,10 +142,11 @@ STEPS = 5  # ddim_uniform gives exactly 5 steps in KSampler and BasicScheduler a
 
 
 def _graph(sampler: str, k: int = 3, batch: int = 2, seed: int = 42, eta: float = 1.0, mask: bool = False,
-           window=(0, 999), policy: str = "greedy") -> dict:
+           window=(0, 999), policy: str = "greedy", flow_shift: float | None = None) -> dict:
     """API-format workflow: tiny model/VAE/conds, a JPEG scorer, and the resampler through SamplerCustom
     ("custom"), the stock KSampler with the SPO Resampling patch ("ksampler"), or stock euler_ancestral
-    ("reference"); "fk-custom" / "fk-ksampler": FK steering with k particles, the same two ways."""
+    ("reference"); "fk-custom" / "fk-ksampler": FK steering with k particles, the same two ways.
+    `flow_shift`: the model made a rectified-flow (CONST) model by the stock ModelSamplingSD3 node."""
     options = {"scorer": ["6", 0], "vae": ["2", 0], "prompt": "a red apple", "k": k, "policy": policy, "eta": eta,
                "window_t_min": window[0], "window_t_max": window[1], "score_every": 1, "temperature": 1.0,
                "lookahead_steps": 0}
@@ -166,6 +167,12 @@ def _graph(sampler: str, k: int = 3, batch: int = 2, seed: int = 42, eta: float 
         "8": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "ddim_uniform", "steps": STEPS, "denoise": 1.0}},
     }
     latent = ["5", 0]
+    scheduler = "ddim_uniform"
+    if flow_shift is not None:
+        g["16"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": flow_shift}}
+        scheduler = "simple"
+        g["8"]["inputs"].update(model=["16", 0], scheduler=scheduler)
+    model = ["16", 0] if flow_shift is not None else ["1", 0]
     if mask:
         g["12"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
         g["13"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["12", 0]}}
@@ -175,13 +182,13 @@ def _graph(sampler: str, k: int = 3, batch: int = 2, seed: int = 42, eta: float 
             g["7"] = {"class_type": "SPOFKSteeringSampler" if fk else "SPOPerStepResampler", "inputs": options}
         else:
             g["7"] = {"class_type": "SamplerEulerAncestral", "inputs": {"eta": eta, "s_noise": 1.0}}
-        g["9"] = {"class_type": "SamplerCustom", "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": seed, "cfg": 2.0,
+        g["9"] = {"class_type": "SamplerCustom", "inputs": {"model": model, "add_noise": True, "noise_seed": seed, "cfg": 2.0,
                                                              "positive": ["3", 0], "negative": ["4", 0], "sampler": ["7", 0],
                                                              "sigmas": ["8", 0], "latent_image": latent}}
     else:
-        g["7"] = {"class_type": "SPOFKSteering" if fk else "SPOResampling", "inputs": {"model": ["1", 0], **options}}
+        g["7"] = {"class_type": "SPOFKSteering" if fk else "SPOResampling", "inputs": {"model": model, **options}}
         g["9"] = {"class_type": "KSampler", "inputs": {"model": ["7", 0], "seed": seed, "steps": STEPS, "cfg": 2.0,
-                                                       "sampler_name": "euler", "scheduler": "ddim_uniform", "positive": ["3", 0],
+                                                       "sampler_name": "euler", "scheduler": scheduler, "positive": ["3", 0],
                                                        "negative": ["4", 0], "latent_image": latent, "denoise": 1.0}}
     g["10"] = {"class_type": "SPOTest_Capture", "inputs": {"value": ["9", 0], "key": "latent"}}
     if sampler != "reference" and k > 1:
@@ -246,6 +253,61 @@ def test_fk_steering_through_sampler_custom_and_the_ksampler_patch(comfy):
     patched = _sample(comfy, sampler="fk-ksampler", k=3, batch=2)["latent"]["samples"]
     torch.testing.assert_close(patched, latent)
     torch.testing.assert_close(_sample(comfy, sampler="fk-custom", k=3, batch=2)["latent"]["samples"], latent)  # seeded
+
+
+def test_flow_model_resampler_with_one_candidate_is_comfyuis_rf_euler_ancestral(comfy):
+    """A CONST (rectified-flow) MODEL: k = 1 is what the stock euler_ancestral runs on it (sample_euler_ancestral_RF)."""
+    ours = _sample(comfy, sampler="custom", k=1, flow_shift=3.0)["latent"]["samples"]
+    ref = _sample(comfy, sampler="reference", flow_shift=3.0)["latent"]["samples"]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    discrete = _sample(comfy, sampler="reference")["latent"]["samples"]
+    assert not torch.allclose(ref, discrete, atol=1e-3)  # the flow patch really changed the sampling
+
+
+def test_flow_model_resampler_and_fk_through_sampler_custom_and_the_ksampler_patch(comfy):
+    out = _sample(comfy, sampler="custom", k=3, batch=2, flow_shift=3.0, window=(0, 1000))
+    latent, trace = out["latent"]["samples"], out["trace"]
+    assert torch.isfinite(latent).all() and out["grid"].shape[0] == 2
+    pooled = [r for r in trace.result.trace if r.pooled]
+    assert len(pooled) == STEPS - 1 and all(0 < r.t <= 1000 for r in pooled)  # t = 1000 sigma, the first at 1000
+    assert trace.result.evaluations == 2 * (1 + 3 * (STEPS - 1))
+    torch.testing.assert_close(_sample(comfy, sampler="ksampler", k=3, batch=2, flow_shift=3.0, window=(0, 1000))["latent"]["samples"], latent)
+    fk = _sample(comfy, sampler="fk-custom", k=3, batch=2, flow_shift=3.0, window=(0, 1000))
+    assert fk["trace"].result.evaluations == 2 * 3 * STEPS and torch.isfinite(fk["latent"]["samples"]).all()
+    torch.testing.assert_close(_sample(comfy, sampler="fk-ksampler", k=3, batch=2, flow_shift=3.0, window=(0, 1000))["latent"]["samples"],
+                               fk["latent"]["samples"])
+
+
+def test_rf_ancestral_step_equals_comfyuis_own_sampler_function_and_tables(comfy):
+    """spo_core's RF ancestral step over a 20-step shifted schedule against ComfyUI's sample_euler_ancestral_RF,
+    and the flow training tables against ModelSamplingDiscreteFlow / ModelSamplingFlux."""
+    from comfy.k_diffusion.sampling import sample_euler_ancestral_RF
+    from comfy.model_sampling import ModelSamplingDiscreteFlow, ModelSamplingFlux
+
+    from spo_core.sampling.flow import FlowSchedule, rf_ancestral_step
+
+    ms = ModelSamplingDiscreteFlow()
+    ms.set_parameters(shift=3.0)
+    torch.testing.assert_close(FlowSchedule(3.0).sigmas.float(), ms.sigmas.float(), rtol=0, atol=2e-7)  # ComfyUI: float32 math
+    flux = ModelSamplingFlux()
+    flux.set_parameters(shift=1.15, timesteps=1000)
+    torch.testing.assert_close(FlowSchedule(mu=1.15).sigmas.float(), flux.sigmas.float(), rtol=0, atol=2e-7)
+    g = torch.Generator().manual_seed(3)
+    sigmas = FlowSchedule(3.0).diffusers_sigmas(20)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    noises = [torch.randn(x.shape, generator=g) for _ in range(20)]
+
+    def model(x, s, **kw):
+        return torch.tanh(0.7 * x) * (1 - 0.3 * float(torch.as_tensor(s).reshape(-1)[0]))
+
+    for eta in (1.0, 0.5):
+        it = iter(noises)
+        ref = sample_euler_ancestral_RF(model, x, sigmas, disable=True, eta=eta, noise_sampler=lambda a, b: next(it))
+        ours = x
+        for i in range(20):
+            mean, std = rf_ancestral_step(ours, model(ours, sigmas[i]), float(sigmas[i]), float(sigmas[i + 1]), eta)
+            ours = mean + std * noises[i] if std > 0 else mean
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
 def test_noise_mask_with_batch_above_one_is_a_clear_error_and_the_queue_goes_on(comfy):
