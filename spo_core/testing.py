@@ -165,3 +165,40 @@ def real_size_pipeline(arch: str, device: str | torch.device = "cpu", dtype: tor
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
+
+
+def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0):
+    """A tiny StableDiffusion3Pipeline: an SD3Transformer2DModel, two CLIP encoders with projection and no
+    T5 (diffusers pads the CLIP states to the joint width, as SD3 runs without its T5)."""
+    diffusers = require("diffusers", "tiny pipelines", "diffusers")
+    transformers = require("transformers", "tiny pipelines", "scorers")
+    from .clip_tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32,
+    )
+    vae = tiny_vae(seed + 1)
+    torch.manual_seed(seed + 2)
+    te1 = transformers.CLIPTextModelWithProjection(tiny_text_config())
+    te2 = transformers.CLIPTextModelWithProjection(tiny_text_config())
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+        text_encoder=te1, tokenizer=load_clip_tokenizer(), text_encoder_2=te2, tokenizer_2=load_clip_tokenizer(pad_token="!"),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True, joint_attention_dim: int = 32,
+                          pooled_projection_dim: int = 32):
+    """A tiny FluxTransformer2DModel (packed 2x2 latents of 4 channels: in_channels 16)."""
+    diffusers = require("diffusers", "tiny flux models", "diffusers")
+    torch.manual_seed(seed)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_projection_dim,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+    )

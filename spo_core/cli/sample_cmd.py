@@ -24,7 +24,11 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (SPO: 20, t = 951, 901, ..., 1)")
     p.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=5.0, help="CFG scale (SPO uses 5)")
     alias(p, "--cfg", dest="guidance_scale", type=float)
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta; > 0 so that candidates differ (SPO: 1)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (flow models: the RF ancestral eta, or the SDE/CPS "
+                   "noise level); > 0 so that candidates differ (SPO: 1)")
+    p.add_argument("--flow-step", dest="flow_step", choices=["rf_ancestral", "sde", "cps", "euler"], default="rf_ancestral",
+                   help="rectified-flow models (SD3/SD3.5/Flux folders): the step; rf_ancestral is ComfyUI's euler_ancestral, "
+                   "sde Flow-GRPO's, cps coefficients-preserving, euler deterministic (k = 1 only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="images (one batch, same prompt)")
     p.add_argument("--height", type=int)
@@ -92,9 +96,7 @@ def save_images(images, out: str, overwrite: bool) -> list[str]:
 def _sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..backends import DiffusersBackend
     from ..errors import ConfigError, OutputExistsError
-    from ..lora.write import resolve_dtype
     from ..progress import TqdmProgress
     from ..sampling import ResamplerConfig
 
@@ -129,8 +131,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.trace and not (args.k > 1 and args.best_of <= 1):
         raise ConfigError("--trace shows the per-step candidates: it needs --k > 1 (and no --best-of)")
 
-    backend = DiffusersBackend.from_pretrained(args.model, arch=args.arch, device=args.device, dtype=resolve_dtype(args.dtype),
-                                               loading_bars=not args.no_progress)
+    backend = load_sampling_backend(args)
     for spec in args.lora:
         _merge_lora(backend, spec)
     scorer = None
@@ -174,6 +175,28 @@ def _sample(args: argparse.Namespace) -> int:
             grid.save(tmp, format="PNG")
         print(f"wrote the candidate grid to {args.trace}")
     return 0
+
+
+def load_sampling_backend(args: argparse.Namespace):
+    """A DiffusersBackend for SD1.5/SD2/SDXL, a FlowBackend for SD3/SD3.5/Flux folders (the flow step from --flow-step)."""
+    from pathlib import Path
+
+    from ..backends import DiffusersBackend
+    from ..backends.flow_backend import FlowBackend, is_flow_pipeline_folder
+    from ..lora.write import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype)
+    if Path(str(args.model)).is_dir() and is_flow_pipeline_folder(args.model):
+        backend = FlowBackend.from_pretrained(args.model, device=args.device, dtype=dtype)
+        backend.schedule.step = args.flow_step
+        return backend
+    if args.flow_step != "rf_ancestral":
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--flow-step {args.flow_step} is for rectified-flow models (SD3/SD3.5/Flux folders); "
+                          f"{args.model} samples with DDIM(eta)")
+    return DiffusersBackend.from_pretrained(args.model, arch=args.arch, device=args.device, dtype=dtype,
+                                            loading_bars=not args.no_progress)
 
 
 def _merge_lora(backend, spec: str) -> None:
