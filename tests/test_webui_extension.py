@@ -374,6 +374,33 @@ def test_batch_seed_depends_on_every_seed():
     assert 0 <= batch_seed([2 ** 40, 7]) < 2 ** 63
 
 
+def test_forge_flux_predictor_gives_the_flow_schedule_and_refuses_latent_scorers():
+    """Forge's Flux predictor (prediction type 'const', mu) makes the sampler use the RF ancestral step that
+    Forge's own Euler a runs on Flux (k = 1 is Forge's image); SD predictors keep the discrete schedule."""
+    sys.path.insert(0, str(ROOT / "webui_extension"))
+    try:
+        from spo_webui.sampler import check_flow_scorer, schedule_of
+    finally:
+        sys.path.remove(str(ROOT / "webui_extension"))
+        _purge(["spo_webui"])
+    from spo_core.errors import ConfigError
+    from spo_core.sampling import NoiseSchedule
+    from spo_core.sampling.flow import FlowSchedule, exponential_time_shift
+
+    flux = types.SimpleNamespace(prediction_type="const", mu=1.15, sigmas=exponential_time_shift(1.15, torch.arange(1, 10001) / 10000))
+    schedule = schedule_of(types.SimpleNamespace(inner_model=types.SimpleNamespace(predictor=flux, sigmas=flux.sigmas)))
+    assert isinstance(schedule, FlowSchedule) and schedule.step == "rf_ancestral" and schedule.mu == 1.15
+    assert float(schedule.timestep(0.5)) == 500.0
+    sd3 = types.SimpleNamespace(prediction_type="const", shift=3.0)
+    assert schedule_of(types.SimpleNamespace(inner_model=types.SimpleNamespace(predictor=sd3))).shift == 3.0
+    eps = types.SimpleNamespace(prediction_type="epsilon")
+    sd = schedule_of(types.SimpleNamespace(inner_model=types.SimpleNamespace(predictor=eps, sigmas=NoiseSchedule.scaled_linear().sigmas)))
+    assert isinstance(sd, NoiseSchedule)
+    with pytest.raises(ConfigError, match="rectified-flow"):
+        check_flow_scorer(types.SimpleNamespace(name="lrm", input_kind="latent"))
+    check_flow_scorer(types.SimpleNamespace(name="spm", input_kind="pixels"))
+
+
 def test_concurrent_jobs_wait_for_the_queue(webui):
     """A job started while another holds the queue waits for it (FIFO), then runs."""
     from modules import call_queue

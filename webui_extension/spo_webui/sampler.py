@@ -79,10 +79,20 @@ class WebUIDenoiser:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def schedule_of(model: Any) -> NoiseSchedule:
-    """The model's 1000 training noise levels: `inner_model.sigmas` on A1111 (k-diffusion
-    CompVisDenoiser) and Forge (ForgeScheduleLinker); SD's scaled-linear schedule otherwise."""
+def schedule_of(model: Any):
+    """The model's noise levels: a FlowSchedule for Forge's rectified-flow predictors (Flux: its mu;
+    prediction type 'const'), whose step is the RF ancestral step Forge's Euler a runs on Flux;
+    else the 1000 training levels, `inner_model.sigmas` on A1111 (k-diffusion CompVisDenoiser) and
+    Forge (ForgeScheduleLinker), SD's scaled-linear schedule without them."""
     inner = getattr(model, "inner_model", None)
+    predictor = getattr(inner, "predictor", None)
+    if getattr(predictor, "prediction_type", None) == "const":
+        from spo_core.sampling.flow import FlowSchedule
+
+        mu = getattr(predictor, "mu", None)
+        if mu is not None:
+            return FlowSchedule(mu=float(mu), num_train_timesteps=1000)
+        return FlowSchedule(shift=float(getattr(predictor, "shift", 1.0)))
     sigmas = getattr(inner, "sigmas", None)
     if isinstance(sigmas, torch.Tensor) and sigmas.numel() >= 2:
         s = sigmas.detach().double().cpu()
@@ -143,6 +153,15 @@ def check_scorer_fits(scorer: Any, sd_model: Any) -> None:
     check_latent_scorer_fits(scorer, "sdxl" if arch == "sdxl" else "sd1", dims.get(arch), f"the loaded checkpoint ({arch})")
 
 
+def check_flow_scorer(scorer: Any) -> None:
+    """Latent reward models read SD UNet latents: refused on rectified-flow models (Flux)."""
+    from spo_core.sampling.resampler import is_latent_scorer
+
+    if is_latent_scorer(scorer):
+        raise ConfigError(f"the latent reward model {getattr(scorer, 'name', 'lrm')!r} reads SD1.5/SDXL UNet latents; "
+                          "the loaded model is a rectified-flow model (Flux): choose a pixel scorer")
+
+
 def host_noise(p: Any) -> Callable[[], torch.Tensor] | None:
     """The WebUI's own per-step noise (`p.rng.next()`, what Euler a draws through its TorchHijack),
     so that k = 1 is the stock Euler a image for image, and the first candidate follows the seeds."""
@@ -172,7 +191,10 @@ def sample_spo(model, x, sigmas, extra_args=None, callback=None, disable=None, e
 
         scorer = load_scorer(options, torch.device(devices.device))
         sd_model = getattr(p, "sd_model", None) or shared.sd_model
-        check_scorer_fits(scorer, sd_model)
+        if getattr(schedule, "is_flow", False):
+            check_flow_scorer(scorer)
+        else:
+            check_scorer_fits(scorer, sd_model)
         decode = webui_decoder(sd_model)
 
     def step_callback(info):
