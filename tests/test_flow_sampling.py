@@ -232,6 +232,10 @@ def test_resampler_best_of_n_and_particles_steer_a_flow_model_towards_the_reward
     for steered in (greedy.x, fk.x, bon.x):
         assert reward(steered) > reward(base.x)
     assert [r.t for r in greedy.trace][:2] == [pytest.approx(1000.0), pytest.approx(float(sigmas[1]) * 1000)]
+    # step-aware scorers are told the SD timestep of the same signal-to-noise ratio as the scored x0's sigma
+    first = greedy.trace[0]
+    assert first.t_scored == pytest.approx(float(schedule.scorer_timestep(float(sigmas[1]))), abs=1e-3)
+    assert float(schedule.scorer_timestep(0.5)) == pytest.approx(354, abs=1)
     assert fk.evaluations == 4 * 4 * 8 and bon.evaluations == 4 * 4 * 8
 
 

@@ -97,6 +97,16 @@ class FlowSchedule:
         """The inverse of `timestep` (t / 1000): windows given in timesteps select these sigmas."""
         return torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps
 
+    def scorer_timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The DDPM timestep of SD's schedule with the same signal-to-noise ratio as flow sigma, which is
+        what step-aware scorers (SPM, trained on DDPM timesteps) are told: a flow sample at sigma is a
+        VE sample at sigma / (1 - sigma), so flow sigma 0.5 reads as t ~ 354 rather than 500."""
+        from .schedule import NoiseSchedule
+
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        ve = s / (1 - s).clamp(min=1e-6)
+        return NoiseSchedule.scaled_linear().timestep(ve)
+
     def model_latent(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """The model-space latent of a sample: a flow sample already is one (no VP rescaling)."""
         return x

@@ -248,7 +248,7 @@ def fk_sample(denoiser, cond, x: torch.Tensor, sigmas: torch.Tensor, schedule, s
         return nxt, x0
 
     def reward_fn(i: int, x0: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
-        t = round(float(schedule.timestep(float(sigmas[i]))), 4)
+        t = round(float(schedule.scorer_timestep(float(sigmas[i]))), 4)
         if latent:
             s_next = float(sigmas[i + 1])
             images = schedule.model_latent(x_next, s_next)

@@ -364,7 +364,7 @@ def resample(
             decoded = k * b
         else:  # one batched call for all k*B candidates; the chosen rows are the next step's evaluation
             cur_x0 = call_denoiser(counter, cur, cur_sigma, cond_k)
-            images, t_scored = decode(cur_x0), round(float(schedule.timestep(cur_sigma)), 4)
+            images, t_scored = decode(cur_x0), round(float(schedule.scorer_timestep(cur_sigma)), 4)
             decoded = k * b
         timesteps = torch.full((k * b,), t_scored)
         scores = _scores(scorer, images, prompts_k, timesteps, k, b)

@@ -131,6 +131,10 @@ class NoiseSchedule:
 
     is_flow = False
 
+    def scorer_timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The timestep a step-aware scorer is told for a predicted x0 at sigma: the model's own."""
+        return self.timestep(sigma)
+
     def model_latent(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """The model-space (VP) latent of a sigma-space sample: what a VAE or a latent scorer reads."""
         return sigma_space_to_vp(x, sigma) if float(torch.as_tensor(sigma).max()) > 0 else x
