@@ -5,27 +5,32 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..lora.tables import ALL_ARCHS
+
+TO_FORMATS = ["webui", "kohya", "comfy", "diffusers", "peft"]
+
 
 def register(sub) -> None:
     p = sub.add_parser("lora", help="inspect, convert, extract, merge and resize LoRAs",
-                       description="LoRA tools: any format in, webui/diffusers/peft out.")
+                       description="LoRA tools: any format in, webui/comfy/diffusers/peft out. "
+                                   f"Architectures: {', '.join(ALL_ARCHS)} (Flux/SD3: the transformer only).")
     verbs = p.add_subparsers(dest="lora_verb", metavar="ACTION")
     verbs.required = True
 
     i = verbs.add_parser("inspect", help="show format, base model, ranks, modules per block, unmatched keys")
     i.add_argument("file", help="LoRA file (.safetensors/.bin/.pt) or PEFT folder")
-    i.add_argument("--arch", choices=["sd15", "sd2", "sdxl"], help="force the base architecture")
+    i.add_argument("--arch", choices=ALL_ARCHS, help="force the base architecture")
     i.add_argument("--model", help="check the LoRA against this model instead of the SD tables: a diffusers folder "
                    "or single-file checkpoint, or 'world' (the embedded tiny model)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(handler=_inspect)
 
-    c = verbs.add_parser("convert", help="convert between webui/kohya, diffusers and PEFT")
+    c = verbs.add_parser("convert", help="convert between webui/kohya, comfy, diffusers and PEFT")
     c.add_argument("input")
     c.add_argument("output", help="output file (.safetensors); a folder for --to peft")
-    c.add_argument("--to", dest="fmt", default="webui", choices=["webui", "kohya", "diffusers", "peft"])
+    c.add_argument("--to", dest="fmt", default="webui", choices=TO_FORMATS)
     c.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="tensor dtype of the output (default: as read)")
-    c.add_argument("--arch", choices=["sd15", "sd2", "sdxl"], help="force the base architecture")
+    c.add_argument("--arch", choices=ALL_ARCHS, help="force the base architecture")
     c.add_argument("--allow-partial", action="store_true", help="write even if some keys match no module (they are listed)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(handler=_convert)
@@ -37,13 +42,14 @@ def register(sub) -> None:
     g.add_argument("--rank", type=int, help="fixed rank per layer")
     g.add_argument("--energy", type=float, help="per-layer rank keeping this fraction of the difference's energy (e.g. 0.9)")
     e.add_argument("--svd", choices=["randomized", "full"], default="randomized")
-    e.add_argument("--groups", default="attn,ff,proj", help="UNet layer groups: attn,ff,proj,resnet,conv,embed")
+    e.add_argument("--groups", default="attn,ff,proj", help="layer groups: attn,ff,proj,resnet,conv,embed "
+                   "(UNet); attn,ff,proj,mod,embed (Flux/SD3 transformer)")
     e.add_argument("--conv-rank", type=int, help="also extract 3x3 convs (resnets, samplers) at this rank")
     e.add_argument("--text-encoder", choices=["auto", "yes", "no"], default="auto",
                    help="include text encoders (auto: only if they differ)")
     e.add_argument("--min-diff", type=float, default=1e-6, help="skip layers whose max |diff| is at most this")
     e.add_argument("--device", default="cpu", help="device for the SVDs (cuda is much faster)")
-    e.add_argument("--to", dest="fmt", default="webui", choices=["webui", "kohya", "diffusers", "peft"])
+    e.add_argument("--to", dest="fmt", default="webui", choices=TO_FORMATS)
     e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--report", metavar="JSON", help="also write the per-layer report as JSON")
@@ -64,7 +70,7 @@ def register(sub) -> None:
     r.add_argument("output")
     r.add_argument("--rank", type=int, help="new rank (or cap with --energy)")
     r.add_argument("--energy", type=float, help="per-module rank keeping this fraction of each delta's energy")
-    r.add_argument("--to", dest="fmt", default="webui", choices=["webui", "kohya", "diffusers", "peft"])
+    r.add_argument("--to", dest="fmt", default="webui", choices=TO_FORMATS)
     r.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(handler=_resize)
@@ -91,9 +97,32 @@ def _model_table(model: str):
         from ..world import load_world_backend
 
         return load_world_backend().module_table()
+    if _is_flow_model(model):
+        from ..lora import CheckpointReader
+
+        with CheckpointReader(model) as reader:
+            return reader.table
     from ..backends import DiffusersBackend
 
     return DiffusersBackend.from_pretrained(model).module_table()
+
+
+def _is_flow_model(model: str) -> bool:
+    """A Flux/SD3 model (diffusers folder with transformer/, or a transformer single file): read by
+    the LoRA engine itself, since the SD backend cannot load it."""
+    from pathlib import Path
+
+    from ..model_names import resolve_model
+    from ..safe_io import is_safetensors, read_safetensors_header
+
+    path = Path(resolve_model(model)).expanduser()
+    if path.is_dir():
+        return (path / "transformer").is_dir() and not (path / "unet").is_dir()
+    if not (path.is_file() and is_safetensors(path)):
+        return False
+    header, _ = read_safetensors_header(path)
+    heads = ("double_blocks.", "single_blocks.", "joint_blocks.", "transformer_blocks.", "single_transformer_blocks.")
+    return any(k.split("diffusion_model.", 1)[-1].startswith(heads) for k in header)
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from .model import DiffModule, LoRA, LoRAModule
 from .read import detect_arch, read_lora
 from .report import LoRAReport, report
 from .resize import resize_lora
-from .tables import KNOWN_ARCHS, ModuleInfo, ModuleTable, load_table, table_for_pipeline, table_from_models
+from .tables import ALL_ARCHS, KNOWN_ARCHS, ModuleInfo, ModuleTable, load_table, table_for_pipeline, table_from_models
 from .write import FORMATS, normalize_format, save_lora, to_diffusers, to_peft, to_webui
 
 
@@ -31,7 +31,7 @@ def convert_lora(src, dst, fmt: str = "webui", dtype=None, overwrite: bool = Fal
 
 
 __all__ = [
-    "CheckpointReader", "DiffModule", "ExtractReport", "FORMATS", "KNOWN_ARCHS", "LoRA", "LoRAModule", "LoRAReport",
+    "CheckpointReader", "DiffModule", "ExtractReport", "FORMATS", "ALL_ARCHS", "KNOWN_ARCHS", "LoRA", "LoRAModule", "LoRAReport",
     "ModuleInfo", "ModuleTable", "StateDictSource", "convert_lora", "detect_arch", "extract_lora", "load_table",
     "merge_into_checkpoint", "merge_into_modules", "read_lora", "report", "resize_lora", "save_lora",
     "table_for_pipeline", "table_from_models", "to_diffusers", "to_peft", "to_webui",

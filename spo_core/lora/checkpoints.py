@@ -7,6 +7,11 @@ as ComfyUI's `diffusion_models` folder holds). `CheckpointReader` maps each cano
 (component, name) to where its weight lives in those files (OpenCLIP text encoders fuse
 q/k/v into one `in_proj_weight`: the reader slices it) and reads one tensor at a time from
 memory-mapped safetensors, so an SDXL pair can be processed in little RAM.
+
+Flux.1 / SD3.5 transformers: a diffusers folder (`transformer/`, sharded or not), a bare diffusers
+transformer file, or a single file in the original naming (BFL `double_blocks...`, MMDiT
+`joint_blocks...`, bare or under `model.diffusion_model.`), whose fused q/k/v weights are read
+and written as row ranges.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import torch
 
 from ..errors import CorruptFileError, ModelMismatchError
 from ..safe_io import _ST_TO_DTYPE, check_exists, is_safetensors, load_pickle_weights_only, open_safetensors
-from .tables import KNOWN_ARCHS, ModuleTable, canonical_te_name, load_table
+from .tables import ALL_ARCHS, FLOW_ARCHS, ModuleTable, canonical_te_name, load_table
 
 log = logging.getLogger(__name__)
 
 _UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_ORIGINAL_FLOW_HEADS = ("double_blocks.", "single_blocks.", "joint_blocks.")  # bare BFL / MMDiT keys
+_DIFFUSERS_FLOW_HEADS = ("transformer_blocks.", "single_transformer_blocks.")
 _TE_PREFIXES = {  # single-file prefix -> (component, style)
     "cond_stage_model.transformer.": ("te1", "hf"),
     "cond_stage_model.model.": ("te1", "openclip"),
@@ -45,11 +52,12 @@ _OPENCLIP_RENAMES = {
 
 @dataclass(frozen=True)
 class Location:
-    """Where a module's weight lives: file, key, optional row slice, and whether it is transposed."""
+    """Where a module's weight lives: file, key, optional row ranges (in the module's row order:
+    a slice of fused q/k/v, or the swapped halves of an adaLN), and whether it is transposed."""
 
     file: str
     key: str
-    rows: tuple[int, int] | None = None
+    rows: tuple[tuple[int, int], ...] | None = None
     transpose: bool = False
 
 
@@ -136,13 +144,13 @@ class CheckpointReader:
     # -- indexing -------------------------------------------------------------------------
     def _index_folder(self) -> None:
         found = False
-        for sub, comp in (("unet", "unet"), ("text_encoder", "te1"), ("text_encoder_2", "te2")):
+        for sub, comp in (("unet", "unet"), ("transformer", "transformer"), ("text_encoder", "te1"), ("text_encoder_2", "te2")):
             for f in _component_files(self.path, sub):
                 found = True
                 for key in self.files.keys(str(f)):
-                    self._add(comp, key if comp == "unet" else canonical_te_name(key), str(f), key, style="diffusers")
+                    self._add(comp, key if comp in ("unet", "transformer") else canonical_te_name(key), str(f), key, style="diffusers")
         if not found:
-            raise CorruptFileError(f"{self.path} is a folder but not a diffusers model (no unet/ or text_encoder/ weights)")
+            raise CorruptFileError(f"{self.path} is a folder but not a diffusers model (no unet/, transformer/ or text_encoder/ weights)")
 
     def _index_single_file(self, path: str) -> None:
         keys = self.files.keys(path)
@@ -164,7 +172,10 @@ class CheckpointReader:
             if any(k.startswith(("down_blocks.", "mid_block.", "conv_in.")) for k in keys):
                 for key in keys:
                     self._add("unet", key, path, key, style="diffusers")
-            elif any(k.startswith(("input_blocks.", "middle_block.")) for k in keys):
+            elif any(k.startswith(_DIFFUSERS_FLOW_HEADS) for k in keys):
+                for key in keys:
+                    self._add("transformer", key, path, key, style="diffusers")
+            elif any(k.startswith(("input_blocks.", "middle_block.") + _ORIGINAL_FLOW_HEADS) for k in keys):
                 self._ldm_unet = {k: k for k in keys}
         self._single_file = path
 
@@ -198,7 +209,7 @@ class CheckpointReader:
             width = shape[0] // 3
             target = self.locations if rest.endswith("weight") else self.biases
             for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                target[(comp, base + "self_attn." + proj)] = Location(file, key, rows=(i * width, (i + 1) * width))
+                target[(comp, base + "self_attn." + proj)] = Location(file, key, rows=((i * width, (i + 1) * width),))
             return
         module, _, param = rest.rpartition(".")
         module = _OPENCLIP_RENAMES.get(module, module)
@@ -215,12 +226,11 @@ class CheckpointReader:
         if ldm:
             for param_key, key in ldm.items():
                 module, _, param = param_key.rpartition(".")
-                info = table.from_ldm(module)
-                if info is None:
-                    continue
                 target = self.locations if param == "weight" else self.biases if param == "bias" else None
-                if target is not None:
-                    target[("unet", info.name)] = Location(self._single_file, key)
+                if target is None:
+                    continue
+                for info in table.modules_at(module):
+                    target[(info.component, info.name)] = Location(self._single_file, key, rows=info.ldm_rows)
         return table
 
     def _misfit(self, table: ModuleTable) -> str | None:
@@ -236,9 +246,9 @@ class CheckpointReader:
 
     def _folder_table(self, detected: ModuleTable) -> ModuleTable:
         """A diffusers folder of a custom (e.g. tiny) model: its own table, from its configs."""
-        if not (self.path / "unet" / "config.json").is_file():
-            raise ModelMismatchError(f"{self.path} is not an SD1.5/SD2/SDXL model ({self._misfit(detected)}) and has "
-                                     "no unet/config.json to read its own layout from")
+        if not any((self.path / sub / "config.json").is_file() for sub in ("unet", "transformer")):
+            raise ModelMismatchError(f"{self.path} is not a model of {', '.join(ALL_ARCHS)} ({self._misfit(detected)}) "
+                                     "and has no unet/ or transformer/ config.json to read its own layout from")
         from .tables import table_from_config_folder
 
         try:
@@ -246,8 +256,38 @@ class CheckpointReader:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise CorruptFileError(f"{self.path}: cannot build the model's layout from its configs ({exc})") from exc
 
+    def _detect_flow(self) -> ModuleTable | None:
+        """The Flux/SD3 architecture whose every module is in this checkpoint with its shape (None: not one)."""
+        have_diffusers = any(c == "transformer" for c, _ in self.locations)
+        ldm = getattr(self, "_ldm_unet", None) or {}
+        if not have_diffusers and not any(k.startswith(_ORIGINAL_FLOW_HEADS) for k in ldm):
+            return None
+        for arch in FLOW_ARCHS:
+            table = load_table(arch)
+            if all(self._fits_module(table, info) for info in table.modules.values()):
+                return table
+        if self.path.is_dir():
+            return load_table(FLOW_ARCHS[0])  # a custom transformer folder: its own table is built from its config
+        raise ModelMismatchError(f"{self.path}: a Flux/SD3 transformer, but not one of {', '.join(FLOW_ARCHS)} "
+                                 "(its modules or their shapes differ); give the model's own table (a diffusers folder "
+                                 "with transformer/config.json)")
+
+    def _fits_module(self, table: ModuleTable, info) -> bool:
+        loc = self.locations.get((info.component, info.name))
+        if loc is not None:
+            return math.prod(self.files.shape(loc.file, loc.key)) == math.prod(info.shape)
+        key = (getattr(self, "_ldm_unet", None) or {}).get(f"{info.ldm}.weight")
+        if key is None:
+            return False
+        shape = self.files.shape(self._single_file, key)
+        rows = table.groups[info.ldm].rows if info.ldm_rows else info.shape[0]
+        return bool(shape) and shape[0] == rows and math.prod(shape[1:]) == info.in_features
+
     def _detect(self) -> ModuleTable:
-        """The real architecture whose UNet/TE shapes fit this checkpoint."""
+        """The real architecture whose UNet/TE (or transformer) shapes fit this checkpoint."""
+        flow = self._detect_flow()
+        if flow is not None:
+            return flow
         probes = {
             "unet-ctx": ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "input_blocks.4.1.transformer_blocks.0.attn2.to_k"),
         }
@@ -268,11 +308,11 @@ class CheckpointReader:
         q = self.locations.get(("te1", "text_model.encoder.layers.0.self_attn.q_proj"))
         if q is not None:
             shape = self.files.shape(q.file, q.key)
-            width = (q.rows[1] - q.rows[0]) if q.rows else (shape[0] if shape else None)
+            width = (q.rows[0][1] - q.rows[0][0]) if q.rows else (shape[0] if shape else None)
             return load_table({768: "sd15", 1024: "sd2"}.get(width, "sd15"))
         raise ModelMismatchError(
-            f"{self.path}: cannot tell which model this is (no SD1.5/SD2/SDXL UNet or text encoder keys found); "
-            f"known: {', '.join(KNOWN_ARCHS)}"
+            f"{self.path}: cannot tell which model this is (no UNet, transformer or text encoder keys found); "
+            f"known: {', '.join(ALL_ARCHS)}"
         )
 
     # -- access ---------------------------------------------------------------------------
@@ -284,12 +324,13 @@ class CheckpointReader:
         return (component, name) in self.locations
 
     def components(self) -> list[str]:
-        return sorted({c for c, _ in self.locations}, key=("unet", "te1", "te2").index)
+        return sorted({c for c, _ in self.locations}, key=("unet", "transformer", "te1", "te2").index)
 
     def _read(self, loc: Location) -> torch.Tensor:
         t = self.files.get(loc.file, loc.key)
         if loc.rows is not None:
-            t = t[loc.rows[0]: loc.rows[1]]
+            chunks = [t[a:b] for a, b in loc.rows]
+            t = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return t.T if loc.transpose else t
 
     def weight(self, component: str, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:

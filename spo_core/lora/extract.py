@@ -151,7 +151,7 @@ def extract_lora(
     """Extract a LoRA (see the module docstring).
 
     `rank`: fixed rank, or the cap when `energy` (0..1] picks a per-layer rank. `groups`: UNet
-    layer groups (attn, ff, proj, resnet, conv, embed). 3x3 convs are included only with
+    layer groups (attn, ff, proj, resnet, conv, embed; Flux/SD3 transformers: attn, ff, proj, mod, embed). 3x3 convs are included only with
     `conv_rank`. `text_encoders`: True, False, or "auto" (only if they differ by more than
     `te_min_diff`, as kohya does). `min_diff`: skip layers whose max |diff| is below it.
     `clamp_quantile`: kohya's outlier clamp of the factors (off by default: it breaks exactness).
@@ -168,7 +168,7 @@ def extract_lora(
     groups = set(groups)
     if conv_rank:
         groups |= {"resnet", "conv"}
-    targets: list[ModuleInfo] = [m for m in table.select(("unet",), groups) if m.kind != "conv" or m.shape[2] == 1 or conv_rank]
+    targets: list[ModuleInfo] = [m for m in table.select((table.denoiser,), groups) if m.kind != "conv" or m.shape[2] == 1 or conv_rank]
     te_targets = [m for m in table.select(("te1", "te2")) if m.kind == "linear" and m.name != "text_projection"]
 
     include_te = text_encoders is True

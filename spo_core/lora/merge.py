@@ -23,7 +23,7 @@ from ..safe_io import (SAFETENSORS_SUFFIXES, LazyTensor, atomic_folder, atomic_o
                        name_list, read_safetensors_header, save_safetensors_lazy)
 from .checkpoints import CheckpointReader, Location, raw_keys
 from .model import LoRA
-from .tables import live_te_name
+from .tables import ALL_ARCHS, DENOISERS, live_te_name
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,20 @@ def _edits(reader: CheckpointReader, lora: LoRA, strength: float) -> dict[tuple[
 
 
 def _apply(tensor: torch.Tensor, changes: list) -> torch.Tensor:
+    """Add each delta into its place: the whole tensor, or its row ranges (fused q/k/v, swapped halves)."""
     out = tensor.float().clone()
     for loc, delta_fn in changes:
         delta = delta_fn()
-        target = out[loc.rows[0]: loc.rows[1]] if loc.rows is not None else out
         if loc.transpose:
             delta = delta.T
-        target += delta.reshape(target.shape)
+        if loc.rows is None:
+            out += delta.reshape(out.shape)
+            continue
+        start = 0
+        for a, b in loc.rows:
+            target = out[a:b]
+            target += delta[start:start + b - a].reshape(target.shape)
+            start += b - a
     return out.to(tensor.dtype)
 
 
@@ -104,7 +111,7 @@ def merge_into_checkpoint(
     check_output_path(output, [source, *inputs], folder=source.is_dir())
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} exists; pass overwrite (--overwrite) to replace it")
-    reader = CheckpointReader(source, arch=lora.table if lora.arch not in ("sd15", "sd2", "sdxl") else None)
+    reader = CheckpointReader(source, arch=lora.table if lora.arch not in ALL_ARCHS else None)
     edits = _edits(reader, lora, strength)
     files = raw_keys(reader)
     reporter = Reporter("merge", sum(len(k) for k in files.values()), progress, cancel)
@@ -171,13 +178,13 @@ def merge_into_checkpoint(
 @torch.no_grad()
 def merge_into_modules(modules: dict[str, torch.nn.Module], lora: LoRA, strength: float = 1.0) -> int:
     """Add the LoRA into live modules in place: `modules` maps component -> root module
-    (a diffusers UNet, transformers text encoders). Returns the number of modules changed."""
+    (a diffusers UNet or Flux/SD3 transformer, transformers text encoders). Returns the number of modules changed."""
     count = 0
     for (comp, name), m in lora.modules.items():
         root = modules.get(comp)
         if root is None:
             continue
-        live = name if comp == "unet" else live_te_name(name, root)
+        live = name if comp in DENOISERS else live_te_name(name, root)
         target = root.get_submodule(live)
         target.weight += (m.delta(dtype=torch.float32, device=target.weight.device) * strength).to(target.weight.dtype).reshape(target.weight.shape)
         count += 1
@@ -185,7 +192,7 @@ def merge_into_modules(modules: dict[str, torch.nn.Module], lora: LoRA, strength
         root = modules.get(comp)
         if root is None:
             continue
-        target = root.get_submodule(name if comp == "unet" else live_te_name(name, root))
+        target = root.get_submodule(name if comp in DENOISERS else live_te_name(name, root))
         if d.diff is not None:
             target.weight += (d.diff.float() * strength).to(target.weight)
         if d.diff_b is not None and target.bias is not None:

@@ -1,7 +1,8 @@
 """The in-memory LoRA every format is read into and written from.
 
 A `LoRA` holds, per module of a `ModuleTable`, the low-rank factors in kohya's shape
-convention (linear: down [r, in], up [out, r]; conv: down [r, in, kh, kw], up [out, r, 1, 1])
+convention (linear: down [r, in], up [out, r]; conv: down [r, in, kh, kw], up [out, r, 1, 1]),
+Flux/SD3 transformers in diffusers' split layout (q, k, v apart; fused files are split on reading)
 and an alpha, so that the module's weight delta is `(alpha / r) * up @ down`. Full weight
 differences (`.diff`, `.diff_b`, as ComfyUI's trainer writes for norms and biases) are kept
 beside them. Conversion between formats only renames keys; the factors are never touched
@@ -76,7 +77,7 @@ class LoRA:
 
     def components(self) -> list[str]:
         comps = {c for c, _ in self.modules} | {c for c, _ in self.diffs}
-        return [c for c in ("unet", "te1", "te2") if c in comps]
+        return [c for c in ("unet", "transformer", "te1", "te2") if c in comps]
 
     def numel(self) -> int:
         return sum(m.numel() for m in self.modules.values()) + sum(

@@ -14,11 +14,17 @@ and LDM name `input_blocks.1.1.transformer_blocks.0.attn1.to_q` a file may call 
 
 and the tensor suffixes of `SUFFIXES`. Text encoders use `lora_te_`, `lora_te1_`, `lora_te2_`,
 `text_encoder.`, `text_encoder_2.` and `text_encoders.clip_{l,g,h}.transformer.`.
+
+A Flux / SD3 transformer module (`transformer_blocks.0.attn.to_q`) may be stored under its
+diffusers name (`transformer.`, PEFT `base_model.model.`, OneTrainer `lora_transformer_`,
+`lycoris_`) or under its original name (kohya `lora_unet_double_blocks_0_img_attn_qkv`,
+ComfyUI `diffusion_model.double_blocks.0.img_attn.qkv`); an original name of a fused weight
+names a `FusedGroup` of the table, not one module.
 """
 
 from __future__ import annotations
 
-from .tables import ModuleInfo, ModuleTable
+from .tables import FusedGroup, ModuleInfo, ModuleTable
 
 # tensor suffix -> (part, scheme); checked longest first
 SUFFIXES: dict[str, tuple[str, str]] = {
@@ -64,7 +70,10 @@ def flatten(name: str) -> str:
 
 
 def kohya_name(m: ModuleInfo, family: str) -> str:
-    """The kohya/webui module name we write: diffusers-style for SD1/SD2, LDM-style for SDXL (as kohya does)."""
+    """The kohya/webui module name we write: diffusers-style for SD1/SD2, LDM-style for SDXL (as kohya does),
+    original-style for Flux/SD3 (fused weights are named by `original_name`)."""
+    if m.component == "transformer":
+        return original_kohya_name(m.ldm)
     if m.component == "unet":
         base = m.ldm if (family == "sdxl" and m.ldm) else m.name
         return "lora_unet_" + flatten(base)
@@ -73,8 +82,25 @@ def kohya_name(m: ModuleInfo, family: str) -> str:
     return "lora_te_" + flatten(m.name)
 
 
+def original_kohya_name(ldm: str) -> str:
+    """kohya sd-scripts' name of a Flux/SD3 module: `lora_unet_` + its flattened original name."""
+    return "lora_unet_" + flatten(ldm)
+
+
+def comfy_name(m: ModuleInfo, family: str) -> str:
+    """ComfyUI's generic key of a module: `diffusion_model.<LDM/original name>` or the TE under `text_encoders.`."""
+    if m.component in ("unet", "transformer"):
+        if m.ldm is None:
+            raise ValueError(f"{m.component}:{m.name} has no LDM/original name")
+        return "diffusion_model." + m.ldm
+    if m.component == "te1":
+        return f"text_encoders.{'clip_h' if family == 'sd2' else 'clip_l'}.transformer." + m.name
+    return "text_encoders.clip_g.transformer." + m.name
+
+
 def diffusers_prefix(m: ModuleInfo) -> str:
-    return {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}[m.component] + m.name
+    return {"unet": "unet.", "transformer": "transformer.", "te1": "text_encoder.",
+            "te2": "text_encoder_2."}[m.component] + m.name
 
 
 def _processor_name(name: str) -> str | None:
@@ -90,6 +116,13 @@ def _processor_name(name: str) -> str | None:
 def aliases(m: ModuleInfo, family: str) -> list[str]:
     """Every module prefix under which a LoRA file may store this module."""
     n = m.name
+    if m.component == "transformer":
+        flat = flatten(n)
+        out = [n, "transformer." + n, "base_model.model." + n, "transformer.base_model.model." + n,
+               "lora_transformer_" + flat, "lycoris_" + flat]
+        if m.ldm and m.ldm_rows is None:
+            out += original_aliases(m.ldm)
+        return out
     if m.component == "unet":
         out = [
             "lora_unet_" + flatten(n), n, "unet." + n, "base_model.model." + n, "unet.base_model.model." + n,
@@ -111,20 +144,28 @@ def aliases(m: ModuleInfo, family: str) -> list[str]:
             "text_encoders.clip_g.transformer." + n]
 
 
-def alias_map(table: ModuleTable) -> dict[str, ModuleInfo]:
-    """prefix -> module for every alias of every module of `table` (built once per table)."""
+def original_aliases(ldm: str) -> list[str]:
+    """Prefixes under which a file stores a Flux/SD3 weight by its original name (kohya, ComfyUI, bare)."""
+    return [original_kohya_name(ldm), "diffusion_model." + ldm, "model.diffusion_model." + ldm, ldm]
+
+
+def alias_map(table: ModuleTable) -> dict[str, ModuleInfo | FusedGroup]:
+    """prefix -> module (or fused group) for every alias of every module of `table` (built once per table)."""
     cached = table.__dict__.get("_alias_map")
     if cached is None:
         cached = {}
         for m in table.modules.values():
             for a in aliases(m, table.family):
                 cached.setdefault(a, m)
+        for g in table.groups.values():
+            for a in original_aliases(g.ldm):
+                cached.setdefault(a, g)
         table.__dict__["_alias_map"] = cached
     return cached
 
 
-def split_key(key: str, amap: dict[str, ModuleInfo]) -> tuple[ModuleInfo, str, str] | None:
-    """(module, part, scheme) of a LoRA file key, or None if no module of the table matches."""
+def split_key(key: str, amap: dict[str, ModuleInfo | FusedGroup]) -> tuple[ModuleInfo | FusedGroup, str, str] | None:
+    """(module or fused group, part, scheme) of a LoRA file key, or None if no module of the table matches."""
     for suffix in SUFFIX_ORDER:
         if key.endswith(suffix):
             m = amap.get(key[: -len(suffix)])

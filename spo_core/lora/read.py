@@ -1,11 +1,12 @@
 """Read a LoRA in any format, detect its format and base architecture.
 
-The file's keys are matched against the module tables of SD1.5, SD2.x and SDXL (or a table
-the caller gives, e.g. of a tiny test model); the table under which most modules match with
+The file's keys are matched against the module tables of SD1.5, SD2.x, SDXL, SD3.5 and Flux.1
+(or a table the caller gives, e.g. of a tiny test model); the table under which most modules match with
 consistent shapes wins, with the file's own metadata (`ss_base_model_version`,
 `modelspec.architecture`) as the tie-breaker. Every key that matches nothing is kept in
 `LoRA.unmatched`, every matched module that cannot be used in `LoRA.problems`: nothing is
-dropped silently.
+dropped silently. A Flux/SD3 LoRA stored in a fused layout (`qkv`, `linear1`) is split into the
+diffusers modules exactly (`fused.py`).
 """
 
 from __future__ import annotations
@@ -21,17 +22,30 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..errors import LoRAFormatError
+from ..errors import LoRAFormatError, ModelMismatchError
 from ..safe_io import check_exists, check_finite, load_state_dict
+from .fused import split_diff, split_group
 from .model import DiffModule, LoRA, LoRAModule
 from .naming import alias_map, split_key, unsupported_algorithm
-from .tables import KNOWN_ARCHS, ModuleInfo, ModuleTable, load_table, resolve_table, table_from_metadata
+from .tables import ALL_ARCHS, FusedGroup, ModuleInfo, ModuleTable, load_table, resolve_table, table_from_metadata
 
 log = logging.getLogger(__name__)
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-PEFT_SUBFOLDERS = {"": "unet", "unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
+PEFT_SUBFOLDERS = {"": "unet", "unet": "unet", "transformer": "transformer", "text_encoder": "te1", "text_encoder_2": "te2"}
+# first path parts of a Flux/SD3 transformer's modules: a root PEFT adapter holding them is a transformer's
+_TRANSFORMER_HEADS = ("transformer_blocks.", "single_transformer_blocks.", "time_text_embed.", "context_embedder.",
+                      "x_embedder.", "pos_embed.", "norm_out.", "proj_out.")
+
+
+def _root_component(keys) -> str:
+    """A root-level PEFT adapter is a UNet's, or a transformer's when its modules say so."""
+    for k in keys:
+        bare = k[len("base_model.model."):] if k.startswith("base_model.model.") else k
+        if bare.startswith(_TRANSFORMER_HEADS):
+            return "transformer"
+    return "unet"
 
 
 def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, dict]]:
@@ -43,7 +57,7 @@ def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     peft_configs = {}
     sidecar = p.parent / PEFT_CONFIG
     if sidecar.is_file() and p.name in PEFT_WEIGHTS:
-        peft_configs["unet"] = json.loads(sidecar.read_text())
+        peft_configs[_root_component(sd)] = json.loads(sidecar.read_text())
     return sd, metadata, peft_configs
 
 
@@ -56,13 +70,15 @@ def _load_peft_folder(folder: Path):
         d = folder / sub if sub else folder
         cfg = d / PEFT_CONFIG
         weights = next((d / w for w in PEFT_WEIGHTS if (d / w).is_file()), None)
-        if not cfg.is_file() or weights is None or (sub == "unet" and configs.get("unet")):
+        if not cfg.is_file() or weights is None or (sub in ("unet", "transformer") and configs.get(comp)):
             continue
         found = True
         part, meta = load_state_dict(weights)
         metadata.update(meta)
+        if sub == "":
+            comp = _root_component(part)
         configs[comp] = json.loads(cfg.read_text())
-        prefix = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}[comp]
+        prefix = {"unet": "unet.", "transformer": "transformer.", "te1": "text_encoder.", "te2": "text_encoder_2."}[comp]
         for k, v in part.items():
             key = k[len("base_model.model."):] if k.startswith("base_model.model.") else k
             sd[prefix + key] = v
@@ -81,6 +97,10 @@ def metadata_arch(metadata: Mapping[str, str]) -> str | None:
         return "sd2"
     if v.startswith("sd_v1") or "stable-diffusion-v1" in spec:
         return "sd15"
+    for marker, arch in (("flux-1-dev", "flux-dev"), ("flux-1-schnell", "flux-schnell"),
+                         ("stable-diffusion-3.5-large", "sd35-large"), ("stable-diffusion-3.5-medium", "sd35-medium")):
+        if marker in spec:
+            return arch
     return None
 
 
@@ -125,7 +145,12 @@ def _peft_alpha(configs: dict[str, dict], comp: str, name: str, rank: int) -> fl
     return scaling * rank
 
 
-def _format_label(prefix_key: str, scheme: str, info: ModuleInfo) -> str:
+def _format_label(prefix_key: str, scheme: str, info: ModuleInfo | FusedGroup) -> str:
+    if info.component == "transformer":
+        if prefix_key.startswith(("lora_unet_", "lora_transformer_")):
+            return "kohya"
+        if prefix_key.startswith("transformer."):
+            return "diffusers"  # what Flux/SD3 pipelines' save_lora_weights writes (PEFT suffixes)
     if prefix_key.startswith("lora_unet_") and info.ldm and prefix_key.startswith("lora_unet_" + info.ldm.replace(".", "_")):
         return "kohya-ldm"
     if prefix_key.startswith(("lora_unet_", "lora_te")):
@@ -140,7 +165,7 @@ def _format_label(prefix_key: str, scheme: str, info: ModuleInfo) -> str:
 def _match(sd: Mapping[str, torch.Tensor], table: ModuleTable):
     """Sort a state dict's keys by module and part; keys naming no module, or a module twice, are kept aside."""
     amap = alias_map(table)
-    parts: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = defaultdict(dict)
+    parts: dict[ModuleInfo | FusedGroup, dict[str, tuple[str, torch.Tensor]]] = defaultdict(dict)
     unmatched, labels, twice = [], Counter(), []
     for key, tensor in sd.items():
         hit = split_key(key, amap)
@@ -148,7 +173,7 @@ def _match(sd: Mapping[str, torch.Tensor], table: ModuleTable):
             unmatched.append(key)
             continue
         info, part, scheme = hit
-        slot = parts[(info.component, info.name)]
+        slot = parts[info]
         if part in slot:
             twice.append((info, slot[part][0], key))
             continue
@@ -160,8 +185,7 @@ def _match(sd: Mapping[str, torch.Tensor], table: ModuleTable):
 
 def _score(table: ModuleTable, parts) -> tuple[int, int]:
     fitting = 0
-    for (comp, name), p in parts.items():
-        info = table.get(comp, name)
+    for info, p in parts.items():
         down, up = p.get("down", (None, None))[1], p.get("up", (None, None))[1]
         if down is not None and "mid" in p:
             down = _fold_mid(down, p["mid"][1])
@@ -176,7 +200,7 @@ def read_lora(
     source: str | os.PathLike | Mapping[str, torch.Tensor],
     arch: str | ModuleTable | None = None,
     metadata: Mapping[str, str] | None = None,
-    candidates: Iterable[str | ModuleTable] = KNOWN_ARCHS,
+    candidates: Iterable[str | ModuleTable] = ALL_ARCHS,
     check_values: bool = True,
 ) -> LoRA:
     """Read a LoRA file, PEFT folder or state dict.
@@ -202,14 +226,18 @@ def read_lora(
     if own is not None:
         tables.append(own)  # a LoRA the pack wrote for a custom model carries that model's table
     claimed = metadata_arch(meta)
-    best = None
+    best, ties = None, []
     for table in tables:
         parts, unmatched, labels, twice = _match(sd, table)
         fitting, matched = _score(table, parts)
         rank = (fitting, matched, table.arch == claimed)
         if best is None or rank > best[0]:
-            best = (rank, table, parts, unmatched, labels, twice)
+            best, ties = (rank, table, parts, unmatched, labels, twice), []
+        elif rank == best[0] and fitting:
+            ties.append(table.arch)
     (fitting, matched, _), table, parts, unmatched, labels, twice = best
+    if arch is not None and fitting == 0 and table.arch in ALL_ARCHS:
+        _refuse_other_arch(sd, meta, table, name)
     algorithms = unsupported_algorithms(sd)
     if matched == 0 and algorithms:
         raise LoRAFormatError(_unsupported_message(name, algorithms))
@@ -241,10 +269,16 @@ def read_lora(
             "a LoRA for another (custom or tiny) model; inspect it against that model (spo lora inspect --model DIR)")
     elif claimed and claimed != table.arch:
         lora.notes.append(f"metadata says {claimed} but the keys and shapes fit {table.arch}")
+    if ties:
+        lora.notes.append(f"the modules fit {table.arch} and {', '.join(ties)} equally (they differ only in modules "
+                          f"this LoRA does not touch): read as {table.arch}; force another with --arch")
     assumed_alpha = 0
-    for (comp, mname), p in parts.items():
-        info = table.get(comp, mname)
+    for info, p in parts.items():
+        comp, mname = info.component, info.name
         if (comp, mname) in doubled:
+            continue
+        if isinstance(info, FusedGroup) and "up" in p and p["up"][1].ndim >= 1 and p["up"][1].shape[0] != info.rows:
+            lora.problems.append(_unsplittable(info, p["up"][0], p["up"][1].shape[0]))
             continue
         if "diff" in p or "diff_b" in p:
             diff = p.get("diff", (None, None))[1]
@@ -252,7 +286,9 @@ def read_lora(
             if diff is not None and tuple(diff.shape) != info.shape:
                 lora.problems.append(f"{p['diff'][0]}: shape {list(diff.shape)} != weight {list(info.shape)}")
                 continue
-            lora.diffs[(comp, mname)] = DiffModule(info, diff, diff_b)
+            found = split_diff(info, diff, diff_b) if isinstance(info, FusedGroup) else [DiffModule(info, diff, diff_b)]
+            for d in found:
+                lora.diffs[(d.info.component, d.info.name)] = d
             if "down" not in p and "up" not in p:
                 continue
         if "dora_scale" in p:
@@ -276,7 +312,8 @@ def read_lora(
                 f"{comp}:{mname} with weight {list(info.shape)}"
             )
             continue
-        down, up = _normalize(info, down, up)
+        if not isinstance(info, FusedGroup):
+            down, up = _normalize(info, down, up)
         rank = down.shape[0]
         if "alpha" in p:
             key, value = p["alpha"]
@@ -294,7 +331,12 @@ def read_lora(
             if alpha is None:
                 alpha = float(rank)
                 assumed_alpha += 1
-        lora.modules[(comp, mname)] = LoRAModule(info, down, up, alpha)
+        if isinstance(info, FusedGroup):
+            _add_split(lora, info, split_group(info, down.reshape(rank, -1), up.reshape(info.rows, rank), alpha), p["down"][0])
+        elif (comp, mname) in lora.modules:
+            lora.problems.append(f"module {comp}:{mname} is stored twice: as {p['down'][0]} and inside a fused weight")
+        else:
+            lora.modules[(comp, mname)] = LoRAModule(info, down, up, alpha)
     if assumed_alpha:
         lora.notes.append(f"{assumed_alpha} modules have no alpha: assumed alpha = rank (scale 1), as every loader does")
     if not lora.modules and not lora.diffs and algorithms:
@@ -305,6 +347,34 @@ def read_lora(
         tensors.update({f"{c}:{n}.diff": d.diff for (c, n), d in lora.diffs.items() if d.diff is not None})
         check_finite(tensors, name)
     return lora
+
+
+def _unsplittable(group: FusedGroup, key: str, rows: int) -> str:
+    names = ", ".join(p.name.rsplit(".", 1)[-1] for p in group.parts)
+    return (f"{key}: fused weight {group.ldm} has {rows} output rows but its parts ({names}) have {group.rows} "
+            "together, so it cannot be split into them")
+
+
+def _add_split(lora: LoRA, group: FusedGroup, modules: list[LoRAModule], key: str) -> None:
+    """Add a fused weight's parts; a part the file also stores under its own name is a problem, not overwritten."""
+    for m in modules:
+        slot = (m.info.component, m.info.name)
+        if slot in lora.modules:
+            lora.problems.append(f"module {slot[0]}:{slot[1]} is stored twice: on its own and inside {key}")
+            del lora.modules[slot]
+            continue
+        lora.modules[slot] = m
+
+
+def _refuse_other_arch(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], forced: ModuleTable, name: str) -> None:
+    """A LoRA read against a given model that fits none of it but fits a known architecture: name both."""
+    for other in ALL_ARCHS:
+        if other == forced.arch:
+            continue
+        fitting, _ = _score(load_table(other), _match(sd, load_table(other))[0])
+        if fitting:
+            raise ModelMismatchError(f"{name} is a LoRA for {other} but the model is {forced.arch}: its layers have "
+                                     f"other names and sizes, so it cannot be used with it. Use a LoRA made for {forced.arch}")
 
 
 def unsupported_algorithms(sd: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:

@@ -1,4 +1,5 @@
-"""Module tables: every weight-carrying module of an SD UNet and its text encoders.
+"""Module tables: every weight-carrying module of an SD UNet and its text encoders, or of a
+Flux / SD3 transformer.
 
 A `ModuleTable` lists, for one architecture, each Linear / Conv2d / norm module by its
 canonical name (the diffusers / transformers module path), its LDM/SGM name (UNet only:
@@ -12,6 +13,11 @@ shipped in the package as JSON (`tables/*.json.gz`) so that hosts without diffus
 WebUI pins transformers 4.30 and has no diffusers) need only torch to use them. The LDM
 names follow the block arithmetic of the original UNet; tests check them against diffusers'
 own single-file converter.
+
+Flux.1 and SD3.5 transformers (component `transformer`) are built the same way from their
+diffusers configs; their original names (BFL / MMDiT, `flow_names.py`) fuse q/k/v (and Flux's
+single-block MLP input) into one weight, so a module may carry the row ranges it occupies in
+that fused weight (`ldm_rows`), and the table groups such parts (`FusedGroup`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -30,9 +36,17 @@ from ..errors import ConfigError, ModelMismatchError
 TABLE_DIR = Path(__file__).parent / "tables"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
+# KNOWN_ARCHS keeps its first meaning (the UNet architectures, whose LDM names tests check against
+# diffusers' UNet converter); ALL_ARCHS is every architecture the engine reads and writes.
 KNOWN_ARCHS = ("sd15", "sd2", "sdxl")
-FAMILY = {"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
-COMPONENTS = ("unet", "te1", "te2")
+FLOW_ARCHS = ("sd35-medium", "sd35-large", "flux-dev", "flux-schnell")
+ALL_ARCHS = KNOWN_ARCHS + FLOW_ARCHS
+FAMILY = {"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3",
+          "flux-dev": "flux", "flux-schnell": "flux"}
+FLOW_FAMILIES = ("sd3", "flux")
+COMPONENTS = ("unet", "transformer", "te1", "te2")
+DENOISERS = ("unet", "transformer")
+_TRANSFORMER_CLASSES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 
 # resnet submodule names, diffusers -> LDM (ResBlock)
 _RESNET_TO_LDM = {
@@ -58,11 +72,12 @@ _TOP_TO_LDM = {
 class ModuleInfo:
     """One weight-carrying module. `shape` is the weight's shape: [out, in] or [out, in, kh, kw] or [C]."""
 
-    component: str  # "unet", "te1" or "te2"
+    component: str  # "unet", "transformer", "te1" or "te2"
     name: str  # canonical diffusers/transformers module path
     kind: str  # "linear", "conv" or "norm"
     shape: tuple[int, ...]
-    ldm: str | None = None  # LDM/SGM path (UNet only)
+    ldm: str | None = None  # LDM/SGM path (UNet), BFL/MMDiT path (transformer)
+    ldm_rows: tuple[tuple[int, int], ...] | None = None  # rows of the (fused) original weight, in our row order
 
     @property
     def out_features(self) -> int:
@@ -80,6 +95,8 @@ class ModuleInfo:
     def group(self) -> str:
         """Which kind of layer, for reports and target sets: attn, ff, proj, resnet, conv, embed, norm, te."""
         n = self.name
+        if self.component == "transformer":
+            return _transformer_group(n, self.kind)
         if self.component != "unet":
             return "te"
         if self.kind == "norm":
@@ -98,10 +115,13 @@ class ModuleInfo:
 
     @property
     def block(self) -> str:
-        """The UNet block a module belongs to (down_blocks.1, mid_block, up_blocks.0, top) or the TE."""
+        """The UNet block a module belongs to (down_blocks.1, mid_block, up_blocks.0, top), the
+        transformer block (transformer_blocks.3, single_transformer_blocks.0, top) or the TE."""
+        parts = self.name.split(".")
+        if self.component == "transformer":
+            return ".".join(parts[:2]) if parts[0] in ("transformer_blocks", "single_transformer_blocks") else "top"
         if self.component != "unet":
             return self.component
-        parts = self.name.split(".")
         if parts[0] in ("down_blocks", "up_blocks"):
             return ".".join(parts[:2])
         if parts[0] == "mid_block":
@@ -109,22 +129,95 @@ class ModuleInfo:
         return "top"
 
 
+def _transformer_group(name: str, kind: str) -> str:
+    """Layer groups of a Flux/SD3 transformer: attn, ff, proj (single-block output), mod (adaLN), embed."""
+    if kind == "norm":
+        return "norm"
+    parts = name.split(".")
+    if parts[0] not in ("transformer_blocks", "single_transformer_blocks"):
+        return "embed"
+    if ".attn." in name or ".attn2." in name:
+        return "attn"
+    if ".ff." in name or ".ff_context." in name or name.endswith(".proj_mlp"):
+        return "ff"
+    if name.endswith(".proj_out"):
+        return "proj"
+    return "mod"
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """One original weight that holds several table modules (q/k/v, + Flux's proj_mlp), or one
+    module with permuted rows; `parts` in row order, `rows` the original weight's row count."""
+
+    component: str
+    ldm: str
+    parts: tuple[ModuleInfo, ...]
+    rows: int
+
+    @property
+    def name(self) -> str:
+        return self.ldm
+
+    @property
+    def kind(self) -> str:
+        return self.parts[0].kind
+
+    @property
+    def out_features(self) -> int:
+        return self.rows
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows, *self.parts[0].shape[1:])
+
+
 @dataclass
 class ModuleTable:
     """All weight-carrying modules of one architecture, indexed by canonical and LDM names."""
 
-    arch: str  # sd15 / sd2 / sdxl, or a free name for custom (tiny) models
-    family: str  # sd1 / sd2 / sdxl: decides kohya naming and metadata
+    arch: str  # one of ALL_ARCHS, or a free name for custom (tiny) models
+    family: str  # sd1 / sd2 / sdxl / sd3 / flux: decides naming, fusing and metadata
     modules: dict[tuple[str, str], ModuleInfo] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._by_ldm = {m.ldm: m for m in self.modules.values() if m.ldm}
+        self._by_ldm = {m.ldm: m for m in self.modules.values() if m.ldm and m.ldm_rows is None}
+        members: dict[tuple[str, str], list[ModuleInfo]] = {}
+        for m in self.modules.values():
+            if m.ldm and m.ldm_rows is not None:
+                members.setdefault((m.component, m.ldm), []).append(m)
+        self.groups: dict[str, FusedGroup] = {}
+        for (comp, ldm), parts in members.items():
+            parts.sort(key=lambda m: min(a for a, _ in m.ldm_rows))
+            rows = max(b for m in parts for _, b in m.ldm_rows)
+            self.groups[ldm] = FusedGroup(comp, ldm, tuple(parts), rows)
 
     def get(self, component: str, name: str) -> ModuleInfo | None:
         return self.modules.get((component, name))
 
     def from_ldm(self, ldm_name: str) -> ModuleInfo | None:
+        """The module stored 1:1 under this LDM/original name (None for fused weights: see `group`)."""
         return self._by_ldm.get(ldm_name)
+
+    def group(self, ldm_name: str) -> FusedGroup | None:
+        return self.groups.get(ldm_name)
+
+    def modules_at(self, ldm_name: str) -> list[ModuleInfo]:
+        """Every module whose weight lives in the original weight `ldm_name` (one, or a fused group's parts)."""
+        one = self._by_ldm.get(ldm_name)
+        if one is not None:
+            return [one]
+        g = self.groups.get(ldm_name)
+        return list(g.parts) if g else []
+
+    @property
+    def denoiser(self) -> str:
+        """The component that denoises: `unet` (SD1/SD2/SDXL) or `transformer` (SD3, Flux)."""
+        return "transformer" if self.family in FLOW_FAMILIES else "unet"
 
     def components(self) -> list[str]:
         return sorted({c for c, _ in self.modules}, key=COMPONENTS.index)
@@ -133,7 +226,7 @@ class ModuleTable:
         comps, grps = set(components), set(groups) if groups is not None else None
         return [
             m for m in self.modules.values()
-            if m.component in comps and m.kind in kinds and (grps is None or m.group in grps or (m.component != "unet" and "te" in grps))
+            if m.component in comps and m.kind in kinds and (grps is None or m.group in grps or (m.component in ("te1", "te2") and "te" in grps))
         ]
 
     @property
@@ -148,15 +241,25 @@ class ModuleTable:
         return {
             "arch": self.arch,
             "family": self.family,
-            "modules": [[m.component, m.name, m.kind, list(m.shape), m.ldm] for m in self.modules.values()],
+            "modules": [_module_json(m) for m in self.modules.values()],
         }
 
     @classmethod
     def from_json(cls, data: dict) -> "ModuleTable":
         mods = {}
-        for comp, name, kind, shape, ldm in data["modules"]:
-            mods[(comp, name)] = ModuleInfo(comp, name, kind, tuple(shape), ldm)
+        for row in data["modules"]:
+            comp, name, kind, shape, ldm = row[:5]
+            rows = tuple(tuple(r) for r in row[5]) if len(row) > 5 and row[5] is not None else None
+            mods[(comp, name)] = ModuleInfo(comp, name, kind, tuple(shape), ldm, rows)
         return cls(data["arch"], data["family"], mods)
+
+
+def _module_json(m: ModuleInfo) -> list:
+    """[component, name, kind, shape, ldm] (+ row ranges for fused parts: SD tables stay as they were)."""
+    row = [m.component, m.name, m.kind, list(m.shape), m.ldm]
+    if m.ldm_rows is not None:
+        row.append([list(r) for r in m.ldm_rows])
+    return row
 
 
 # -- the LDM naming rule ----------------------------------------------------------------
@@ -244,7 +347,7 @@ def scan_modules(root: torch.nn.Module, component: str, ldm_prefixes: dict[str, 
         if kind is None or not name:
             continue
         ldm = unet_to_ldm(name, ldm_prefixes) if ldm_prefixes is not None else None
-        if component != "unet":
+        if component in ("te1", "te2"):
             name = canonical_te_name(name)
         out[(component, name)] = ModuleInfo(component, name, kind, tuple(module.weight.shape), ldm)
     return out
@@ -277,8 +380,26 @@ def table_from_models(arch: str, family: str, unet: torch.nn.Module | None, unet
     return ModuleTable(arch, family, modules)
 
 
+def table_from_transformer(arch: str, family: str, transformer: torch.nn.Module) -> ModuleTable:
+    """A table for a diffusers Flux / SD3 transformer (live, meta or tiny), with original names."""
+    from .flow_names import original_names
+
+    modules = scan_modules(transformer, "transformer")
+    shapes = {name: info.shape for (_, name), info in modules.items() if info.kind != "norm"}
+    names = original_names(family, shapes)
+    for key, info in modules.items():
+        if info.name in names:
+            ldm, rows = names[info.name]
+            modules[key] = replace(info, ldm=ldm, ldm_rows=rows)
+    return ModuleTable(arch, family, modules)
+
+
 def table_for_pipeline(pipe, arch: str | None = None) -> ModuleTable:
-    """Table of a loaded diffusers pipeline (its UNet and text encoders)."""
+    """Table of a loaded diffusers pipeline (its UNet and text encoders, or its Flux/SD3 transformer)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and type(transformer).__name__ in _TRANSFORMER_CLASSES:
+        family = _TRANSFORMER_CLASSES[type(transformer).__name__]
+        return table_from_transformer(arch or f"custom-{family}", family, transformer)
     family = "sdxl" if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time" else "sd1"
     tes = [getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]
     return table_from_models(arch or f"custom-{family}", family, pipe.unet, dict(pipe.unet.config), [t for t in tes if t is not None])
@@ -290,11 +411,24 @@ def build_table(arch: str) -> ModuleTable:
 
 
 def table_from_config_folder(folder: Path, arch: str | None = None, family: str | None = None) -> ModuleTable:
-    """The table of a diffusers model folder (its unet/ and text_encoder*/ configs, built on `meta`):
-    how custom and tiny models get exact names and shapes without loading a weight."""
+    """The table of a diffusers model folder (its unet/ and text_encoder*/ configs, or its
+    transformer/ config, built on `meta`): how custom and tiny models get exact names and shapes
+    without loading a weight. Flux/SD3 text encoders are left out (transformer LoRAs only)."""
     from ..errors import require
 
     diffusers = require("diffusers", "building module tables", "diffusers")
+    transformer_config = folder / "transformer" / "config.json"
+    if transformer_config.is_file() and not (folder / "unet" / "config.json").is_file():
+        with open(transformer_config) as f:
+            config = json.load(f)
+        cls_name = config.get("_class_name")
+        if cls_name not in _TRANSFORMER_CLASSES:
+            raise ConfigError(f"{transformer_config}: transformer class {cls_name!r} is not supported; "
+                              f"known: {', '.join(_TRANSFORMER_CLASSES)}")
+        family = family or _TRANSFORMER_CLASSES[cls_name]
+        with torch.device("meta"):
+            model = getattr(diffusers, cls_name).from_config(config)
+        return table_from_transformer(arch or f"custom-{family}", family, model)
     transformers = require("transformers", "building module tables", "scorers")
     with open(folder / "unet" / "config.json") as f:
         unet_config = json.load(f)
@@ -315,9 +449,9 @@ def table_from_config_folder(folder: Path, arch: str | None = None, family: str 
 
 @functools.lru_cache(maxsize=None)
 def load_table(arch: str) -> ModuleTable:
-    """The shipped table of a real architecture (sd15, sd2, sdxl)."""
-    if arch not in KNOWN_ARCHS:
-        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(KNOWN_ARCHS)}")
+    """The shipped table of a real architecture (one of ALL_ARCHS)."""
+    if arch not in ALL_ARCHS:
+        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(ALL_ARCHS)}")
     path = TABLE_DIR / f"{arch}.json.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return ModuleTable.from_json(json.load(f))
@@ -341,11 +475,10 @@ TABLE_METADATA_KEY = "spo_module_table"
 def table_metadata(table: ModuleTable, infos: Iterable[ModuleInfo]) -> dict[str, str]:
     """For a LoRA of a custom model (not SD1.5/SD2/SDXL): the shapes of its modules, as file metadata,
     so every tool can read the file later without being given the model."""
-    if table.arch in KNOWN_ARCHS:
+    if table.arch in ALL_ARCHS:
         return {}
     mods = sorted({(m.component, m.name): m for m in infos}.values(), key=lambda m: (m.component, m.name))
-    data = {"arch": table.arch, "family": table.family,
-            "modules": [[m.component, m.name, m.kind, list(m.shape), m.ldm] for m in mods]}
+    data = {"arch": table.arch, "family": table.family, "modules": [_module_json(m) for m in mods]}
     return {TABLE_METADATA_KEY: json.dumps(data, separators=(",", ":"))}
 
 
@@ -358,13 +491,25 @@ def table_from_metadata(metadata: dict[str, str]) -> ModuleTable | None:
         data = json.loads(raw)
         if data.get("family") not in FAMILY.values() or not isinstance(data.get("arch"), str):
             return None
-        for comp, name, kind, shape, ldm in data["modules"]:
+        for row in data["modules"]:
+            comp, name, kind, shape, ldm = row[:5]
+            rows = row[5] if len(row) > 5 else None
             if (comp not in COMPONENTS or kind not in ("linear", "conv", "norm") or not isinstance(name, str)
-                    or not all(type(d) is int and d > 0 for d in shape) or not (ldm is None or isinstance(ldm, str))):
+                    or not all(type(d) is int and d > 0 for d in shape) or not (ldm is None or isinstance(ldm, str))
+                    or len(row) > 6 or not (rows is None or _valid_rows(rows, shape))):
                 return None
         return ModuleTable.from_json(data)
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def _valid_rows(rows, shape) -> bool:
+    """Row ranges of a fused part: non-empty int pairs covering exactly the module's rows."""
+    try:
+        total = sum(b - a for a, b in rows)
+        return bool(rows) and all(type(a) is int and type(b) is int and 0 <= a < b for a, b in rows) and total == shape[0]
+    except (TypeError, ValueError):
+        return False
 
 
 def require_same_family(lora_table: ModuleTable, model_table: ModuleTable, what: str = "this LoRA") -> None:
@@ -375,8 +520,10 @@ def require_same_family(lora_table: ModuleTable, model_table: ModuleTable, what:
         )
 
 
-if __name__ == "__main__":  # regenerate the shipped tables: python -m spo_core.lora.tables
-    for a in KNOWN_ARCHS:
+if __name__ == "__main__":  # regenerate the shipped tables: python -m spo_core.lora.tables [ARCH ...]
+    import sys
+
+    for a in sys.argv[1:] or ALL_ARCHS:
         t = build_table(a)
         write_table(t, TABLE_DIR / f"{a}.json.gz")
         print(a, len(t.modules), "modules")

@@ -3,9 +3,13 @@
 - webui (default): kohya keys (`lora_unet_*`, `lora_te_*` / `lora_te1_*` / `lora_te2_*`),
   diffusers-style block names for SD1/SD2 and LDM-style for SDXL (as kohya writes them), an
   `alpha` per module, and kohya `ss_*` plus `modelspec.*` metadata so that both A1111 and Forge
-  detect the base model. Loads in ComfyUI, the WebUI and diffusers.
+  detect the base model. Loads in ComfyUI, the WebUI and diffusers. Flux / SD3: kohya
+  sd-scripts' names, the original (BFL / MMDiT) ones with q/k/v fused (`fused.py`).
+- comfy: ComfyUI's generic keys, `diffusion_model.<LDM/original name>.lora_down.weight` (+ alpha),
+  text encoders under `text_encoders.clip_*.transformer.`.
 - diffusers: `unet.<path>.lora.down.weight` / `text_encoder.<path>...` as diffusers'
   `save_lora_weights` writes; the alpha/rank scale is baked into `up` (that format has no alpha).
+  Flux / SD3: `transformer.<path>.lora_A.weight` / `lora_B.weight`, q/k/v split.
 - peft: a folder per component (`adapter_config.json` + `adapter_model.safetensors`, text
   encoders in `text_encoder/`, `text_encoder_2/`), loadable with `PeftModel.from_pretrained`.
 """
@@ -23,19 +27,26 @@ import torch
 
 from ..errors import ConfigError, InvalidTensorError, LoRAFormatError
 from ..safe_io import atomic_folder, name_list, non_finite, save_safetensors
+from .fused import diffs_original_layout, to_original_layout
 from .model import LoRA
-from .naming import diffusers_prefix, kohya_name
-from .tables import table_metadata
+from .naming import comfy_name, diffusers_prefix, flatten, kohya_name
+from .tables import FLOW_FAMILIES, table_metadata
 
-FORMATS = ("webui", "diffusers", "peft")
-FORMAT_ALIASES = {"webui": "webui", "kohya": "webui", "a1111": "webui", "comfyui": "webui", "diffusers": "diffusers", "peft": "peft"}
+FORMATS = ("webui", "comfy", "diffusers", "peft")
+FORMAT_ALIASES = {"webui": "webui", "kohya": "webui", "a1111": "webui", "comfyui": "webui", "comfy": "comfy",
+                  "diffusers": "diffusers", "peft": "peft"}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
+# modelspec architecture ids as kohya sd-scripts writes them (library/sai_model_spec.py)
 _MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
-                   "sdxl": "stable-diffusion-xl-v1-base/lora"}
-_PEFT_DIRS = {"unet": "", "te1": "text_encoder", "te2": "text_encoder_2"}
+                   "sdxl": "stable-diffusion-xl-v1-base/lora", "sd3": "stable-diffusion-3/lora", "flux": "flux-1/lora"}
+_MODELSPEC_BY_ARCH = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora",
+                      "sd35-medium": "stable-diffusion-3.5-medium/lora", "sd35-large": "stable-diffusion-3.5-large/lora"}
+_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models", "flux": "https://github.com/black-forest-labs/flux",
+                   "sd3": "https://github.com/Stability-AI/sd3.5"}
+_PEFT_DIRS = {"unet": "", "transformer": "", "te1": "text_encoder", "te2": "text_encoder_2"}
 
 
 def normalize_format(fmt: str) -> str:
@@ -74,8 +85,8 @@ def kohya_metadata(lora: LoRA, title: str | None = None, extra: Mapping[str, str
         "ss_base_model_version": _BASE_VERSION[family],
         "ss_v2": str(family == "sd2"),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _MODELSPEC_ARCH[family],
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        "modelspec.architecture": _MODELSPEC_BY_ARCH.get(lora.arch, _MODELSPEC_ARCH[family]),
+        "modelspec.implementation": _IMPLEMENTATION.get(family, "diffusers"),
     })
     convs = [m for m in lora.modules.values() if m.info.kind == "conv" and m.info.shape[2] > 1]
     if convs:
@@ -90,15 +101,39 @@ def kohya_metadata(lora: LoRA, title: str | None = None, extra: Mapping[str, str
 
 
 def _own_table(lora: LoRA) -> dict[str, str]:
-    """The custom model's module table (shapes), so the file reads without that model later."""
+    """The custom model's module table (shapes), so the file reads without that model later; for
+    Flux dev/schnell (whose tables differ only in the guidance embedder) the architecture id."""
     infos = [m.info for m in lora.modules.values()] + [d.info for d in lora.diffs.values()]
-    return table_metadata(lora.table, infos)
+    meta = table_metadata(lora.table, infos)
+    if lora.arch in _MODELSPEC_BY_ARCH:
+        meta["modelspec.architecture"] = _MODELSPEC_BY_ARCH[lora.arch]
+    return meta
+
+
+def _original_layout(lora: LoRA, prefix: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Flux/SD3 in their original names, fused weights fused: kohya (`lora_unet_`) or ComfyUI (`diffusion_model.`)."""
+    def key(name: str) -> str:
+        return prefix + (flatten(name) if prefix == "lora_unet_" else name)
+
+    out: dict[str, torch.Tensor] = {}
+    for s in to_original_layout(lora):
+        out[f"{key(s.name)}.lora_down.weight"] = _cast(s.down, dtype)
+        out[f"{key(s.name)}.lora_up.weight"] = _cast(s.up, dtype)
+        out[f"{key(s.name)}.alpha"] = torch.tensor(float(s.alpha), dtype=torch.float32)
+    for name, diff, diff_b in diffs_original_layout(lora):
+        if diff is not None:
+            out[f"{key(name)}.diff"] = _cast(diff, dtype)
+        if diff_b is not None:
+            out[f"{key(name)}.diff_b"] = _cast(diff_b, dtype)
+    return out
 
 
 def to_webui(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """kohya/webui state dict (names as kohya writes them for the LoRA's family)."""
-    out: dict[str, torch.Tensor] = {}
     family = lora.table.family
+    if family in FLOW_FAMILIES:
+        return _original_layout(lora, "lora_unet_", dtype)
+    out: dict[str, torch.Tensor] = {}
     for m in lora.modules.values():
         name = kohya_name(m.info, family)
         out[f"{name}.lora_down.weight"] = _cast(m.down, dtype)
@@ -106,6 +141,29 @@ def to_webui(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Te
         out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     for d in lora.diffs.values():
         name = kohya_name(d.info, family)
+        if d.diff is not None:
+            out[f"{name}.diff"] = _cast(d.diff, dtype)
+        if d.diff_b is not None:
+            out[f"{name}.diff_b"] = _cast(d.diff_b, dtype)
+    return out
+
+
+def to_comfy(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """ComfyUI's generic format: `diffusion_model.<LDM/original name>` (fused for Flux/SD3), kohya suffixes."""
+    family = lora.table.family
+    if family in FLOW_FAMILIES:
+        return _original_layout(lora, "diffusion_model.", dtype)
+    out: dict[str, torch.Tensor] = {}
+    for m in lora.modules.values():
+        try:
+            name = comfy_name(m.info, family)
+        except ValueError as exc:
+            raise LoRAFormatError(f"cannot write the comfy format: {exc}; write webui/kohya instead") from None
+        out[f"{name}.lora_down.weight"] = _cast(m.down, dtype)
+        out[f"{name}.lora_up.weight"] = _cast(m.up, dtype)
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    for d in lora.diffs.values():
+        name = comfy_name(d.info, family)
         if d.diff is not None:
             out[f"{name}.diff"] = _cast(d.diff, dtype)
         if d.diff_b is not None:
@@ -129,8 +187,9 @@ def _baked(m, dtype):
 
 
 def to_diffusers(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """diffusers layout: `unet.<path>.lora.down.weight` (as the SPO release) and
-    `text_encoder.<path>.lora_linear_layer.down.weight`.
+    """diffusers layout: `unet.<path>.lora.down.weight` (as the SPO release),
+    `text_encoder.<path>.lora_linear_layer.down.weight`, and `transformer.<path>.lora_A.weight`
+    (Flux/SD3: what their pipelines' `save_lora_weights` writes).
 
     One suffix per component on purpose: diffusers decides how to convert a UNet state dict
     from its first key only, so mixing `.lora.down` and `.lora_A` would drop modules.
@@ -140,6 +199,10 @@ def to_diffusers(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torc
     for m in lora.modules.values():
         down, up = _baked(m, dtype)
         prefix = diffusers_prefix(m.info)
+        if m.info.component == "transformer":
+            out[f"{prefix}.lora_A.weight"] = down
+            out[f"{prefix}.lora_B.weight"] = up
+            continue
         part = "lora" if m.info.component == "unet" else "lora_linear_layer"
         out[f"{prefix}.{part}.down.weight"] = down
         out[f"{prefix}.{part}.up.weight"] = up
@@ -147,7 +210,7 @@ def to_diffusers(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torc
 
 
 def to_peft(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
-    """Per component (unet/te1/te2): (PEFT adapter state dict, adapter_config.json content)."""
+    """Per component (unet or transformer, te1, te2): (PEFT adapter state dict, adapter_config.json content)."""
     _require_no_diffs(lora, "peft")
     out = {}
     for comp in lora.components():
@@ -193,7 +256,7 @@ def save_lora(
     title: str | None = None,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write `lora` in `fmt` (webui/kohya, diffusers, peft) atomically; returns the path written.
+    """Write `lora` in `fmt` (webui/kohya, comfy, diffusers, peft) atomically; returns the path written.
 
     For peft, `path` is a folder, built beside its place and swapped in whole (an old adapter's
     text-encoder folders never survive into the new one). Refuses an existing output unless
@@ -204,6 +267,10 @@ def save_lora(
     path = Path(path)
     if fmt == "webui":
         tensors = to_webui(lora, dt)
+        _refuse_non_finite(tensors, dt, path)
+        return save_safetensors(tensors, path, kohya_metadata(lora, title or path.stem, extra_metadata), overwrite=overwrite)
+    if fmt == "comfy":
+        tensors = to_comfy(lora, dt)
         _refuse_non_finite(tensors, dt, path)
         return save_safetensors(tensors, path, kohya_metadata(lora, title or path.stem, extra_metadata), overwrite=overwrite)
     if fmt == "diffusers":
