@@ -630,12 +630,14 @@ _CHECK_CHUNK = 1 << 22  # elements per batched check (8 MB of fp16/bf16): bounde
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors that hold NaN or inf.
 
-    A sum is finite iff every element is (barring overflow, re-checked exactly per tensor). The sums
-    run over chunks of many small tensors concatenated by dtype and device: a LoRA's thousands of
-    small factors cost one reduction per chunk instead of one per tensor (about 10x faster)."""
+    The minimum and maximum are finite iff every element is (NaN propagates through both; exact, no
+    overflow), and torch's aminmax runs at memory speed in the tensor's own dtype (5x isfinite().all()).
+    It runs over chunks of many small tensors concatenated by dtype and device: a LoRA's thousands
+    of small factors cost one reduction per chunk instead of one per tensor; a chunk that fails is
+    re-checked tensor by tensor to name the culprits."""
     groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     for k, v in tensors.items():
-        if v.is_floating_point():
+        if v.is_floating_point() and v.numel():
             groups.setdefault((v.dtype, v.device), []).append((k, v))
     suspects: list[str] = []
     for items in groups.values():
@@ -647,7 +649,8 @@ def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
                 end += 1
             chunk = items[start:end]
             flat = chunk[0][1].reshape(-1) if len(chunk) == 1 else torch.cat([v.reshape(-1) for _, v in chunk])
-            if not torch.isfinite(torch.sum(flat, dtype=torch.float32)):
+            lo, hi = torch.aminmax(flat)
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
                 suspects.extend(k for k, _ in chunk)
             start = end
     return [k for k in suspects if not torch.isfinite(tensors[k]).all()]

@@ -108,3 +108,30 @@ def test_spo_sample_on_an_sd3_folder(tmp_path, capsys):
     assert "deterministic" in capsys.readouterr().err
     assert main(["sample", "--model", str(folder), "--prompt", "x", "--steps", "3", "--k", "1", "--flow-step", "sde",
                  "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
+
+
+def test_spo_sample_merges_a_flow_lora(tmp_path, capsys):
+    """`spo sample --lora` on an SD3 folder: the LoRA (diffusers keys on the transformer) changes the image;
+    strength 0 leaves it as it was."""
+    from safetensors.torch import save_file
+
+    from spo_core.cli import main
+
+    folder = tmp_path / "sd3"
+    pipe = tiny_sd3_pipeline()
+    pipe.save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, mod in pipe.transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_v")):
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(4, mod.in_features, generator=g) * 0.3
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(mod.out_features, 4, generator=g) * 0.3
+    lora = tmp_path / "flow_lora.safetensors"
+    save_file(sd, str(lora))
+    outs = {}
+    for tag, extra in (("plain", []), ("zero", ["--lora", f"{lora}:0"]), ("one", ["--lora", str(lora)])):
+        out = tmp_path / f"{tag}.png"
+        assert main(["sample", "--model", str(folder), "--prompt", "x", "--steps", "3", "--k", "1", "--out", str(out),
+                     "--no-progress", *extra]) == 0
+        outs[tag] = out.read_bytes()
+    assert outs["zero"] == outs["plain"] and outs["one"] != outs["plain"]

@@ -155,6 +155,19 @@ class FlowBackend:
         return FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor,
                                             self.vae_scale_factor)
 
+    def module_table(self):
+        """The LoRA engine's table of this transformer: a shipped real one (sd35-medium/large, flux-dev/schnell)
+        when its config is that model's, else one built from the live module (tiny or custom models)."""
+        from ..lora.tables import CONFIG_DIR, FLOW_ARCHS, load_table, table_for_pipeline
+
+        mine = dict(self.transformer.config)
+        for arch in FLOW_ARCHS:
+            ref = json.loads((CONFIG_DIR / arch / "transformer" / "config.json").read_text())
+            keys = [k for k in ref if not k.startswith("_")]
+            if type(self.transformer).__name__ == ref.get("_class_name") and all(mine.get(k) == ref[k] for k in keys):
+                return load_table(arch)
+        return table_for_pipeline(self)
+
     def encode_prompts(self, prompts: Sequence[str] | str, negative_prompt: str | Sequence[str] | None = None,
                        height: int | None = None, width: int | None = None) -> TensorConditioning:
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -14,8 +14,9 @@ def register(sub) -> None:
         "every step inside the window draws k candidates from the same x_t, scores their predicted x0 and keeps one "
         "(greedy: the best; softmax: Feynman-Kac-style; random: SPO's continuation). --best-of N is the baseline: N "
         "full samples, the best final image kept.")
-    p.add_argument("--model", required=True, help="diffusers folder or single-file SD1.5/SD2/SDXL checkpoint; 'world': the "
-                   "embedded tiny model (its SPM is then the default scorer)")
+    p.add_argument("--model", required=True, help="diffusers folder (SD1.5/SD2/SDXL, SD3/SD3.5, Flux) or single-file "
+                   "SD1.5/SD2/SDXL checkpoint; 'world': the embedded tiny model, 'world-flow' its rectified-flow model "
+                   "(the world's SPM is then the default scorer)")
     p.add_argument("--arch", help="architecture of a single-file checkpoint (sd15, sd2, sdxl); detected if omitted")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", dest="negative_prompt", default=None, help="negative prompt")
@@ -185,7 +186,15 @@ def load_sampling_backend(args: argparse.Namespace):
     from ..backends.flow_backend import FlowBackend, is_flow_pipeline_folder
     from ..lora.write import resolve_dtype
 
+    from ..model_names import is_flow_world
+
     dtype = resolve_dtype(args.dtype)
+    if is_flow_world(args.model):
+        from ..world import load_flow_world_backend
+
+        backend = load_flow_world_backend(args.device, dtype)
+        backend.schedule.step = args.flow_step
+        return backend
     if Path(str(args.model)).is_dir() and is_flow_pipeline_folder(args.model):
         backend = FlowBackend.from_pretrained(args.model, device=args.device, dtype=dtype)
         backend.schedule.step = args.flow_step
@@ -211,5 +220,8 @@ def _merge_lora(backend, spec: str) -> None:
             pass  # a colon inside the path
     lora = read_lora(path, arch=backend.module_table())
     lora.require_clean(what=path)
+    if getattr(backend, "is_flow", False):
+        merge_into_modules({"transformer": backend.transformer}, lora, strength)
+        return
     pipe = backend.pipe
     merge_into_modules({"unet": pipe.unet, "te1": pipe.text_encoder, "te2": getattr(pipe, "text_encoder_2", None)}, lora, strength)
