@@ -105,20 +105,21 @@ def steering_curve(base, pairs, plain, args) -> dict:
     from spo_core.scorers import load_scorer
 
     fk = dict(item.split("=") for item in args.fk.split(","))
+    top = 1000.0 if args.world == "flow" else 999.0  # a flow model's first step is at t = 1000 (sigma 1)
     fk_cfg = dict(potential=fk.get("potential", "max"), lam=float(fk.get("lam", 10)), score_every=int(fk.get("every", 5)),
-                  adaptive=fk.get("adaptive", "false").lower() == "true", window=(0.0, 999.0))
+                  adaptive=fk.get("adaptive", "false").lower() == "true", window=(0.0, top))
     budgets = [int(v) for v in args.steering_budgets.split(",") if v]
     out = {"fk_settings": fk_cfg, "budgets": budgets, "arms": {}}
     for scorer_name in [s for s in args.steering_scorers.split(",") if s]:
         scorer = load_scorer(scorer_name, "world")
         for n in budgets:
             arms = {f"best-of-{n}": dict(best_of=n),
-                    f"greedy k={n}, every step": dict(config=ResamplerConfig(k=n, policy="greedy", window=(0.0, 999.0))),
+                    f"greedy k={n}, every step": dict(config=ResamplerConfig(k=n, policy="greedy", window=(0.0, top))),
                     f"FK {n} particles": dict(config=ResamplerConfig(k=n, policy="fk", **fk_cfg))}
             results = {}
             for name, kw in arms.items():
                 label = f"{name} ({scorer_name})"
-                count = UNetCounter(base.pipe.unet)
+                count = UNetCounter(denoiser_module(base))
                 arm = sample_arm(label, base, pairs, scorer, **kw)
                 count.close()
                 results[name] = arm
@@ -132,8 +133,17 @@ def steering_curve(base, pairs, plain, args) -> dict:
                       + (f" | vs best-of-{n} {vs['mean_delta']:+.3f} (95% CI {vs['ci95'][0]:+.3f} .. {vs['ci95'][1]:+.3f}), "
                          f"higher on {vs['beats']:.0%}" if vs else ""), flush=True)
     out["plain"] = {"gt": plain.stats.mean, "unet_evaluations_per_image": 40.0}
-    plot_steering(out, len(pairs), args.out / "alignment_steering.png")
+    plot_steering(out, len(pairs), args.out / f"alignment_steering{suffix(args)}.png")
     return out
+
+
+def denoiser_module(backend) -> torch.nn.Module:
+    """The network whose forward rows are counted: the UNet, or a flow model's transformer."""
+    return backend.transformer if getattr(backend, "is_flow", False) else backend.pipe.unet
+
+
+def suffix(args) -> str:
+    return "_flow" if args.world == "flow" else ""
 
 
 def plot_steering(steering: dict, images: int, path: Path) -> None:
@@ -145,8 +155,8 @@ def plot_steering(steering: dict, images: int, path: Path) -> None:
         kind = "best-of-N" if name.startswith("best-of") else name.split(" ")[0]
         key = f"{kind} ({scorer}" + (", UNet rows only)" if kind == "greedy" and scorer == "lrm" else ")")
         series.setdefault(key, []).append((row["unet_evaluations_per_image"], row["mean"]))
-    save_png(xy_chart(series, f"held-out GT vs sampling compute ({images} images)", "UNet evaluations per image",
-                      "GT", thousands=False), path)
+    save_png(xy_chart(series, f"held-out GT vs sampling compute ({images} images)",
+                      "denoiser (UNet or flow transformer) evaluations per image", "GT", thousands=False), path)
 
 
 def main() -> None:
@@ -167,12 +177,17 @@ def main() -> None:
     p.add_argument("--fk", default="potential=diff,lam=10,every=5", help="FK settings (best in bench/fk_sweep.py, training prompts)")
     p.add_argument("--skip-sampling", action="store_true", help="skip part 2 (the k = 4/5 resampler arms)")
     p.add_argument("--replot-steering", type=Path, metavar="JSON", help="only redraw alignment_steering.png from a result")
+    p.add_argument("--world", choices=["unet", "flow"], default="unet",
+                   help="flow: the world's rectified-flow model (sampling arms only: training on flow models is not in "
+                   "the pack yet); results go to *_flow.json/png")
     args = p.parse_args()
+    if args.world == "flow":
+        args.methods, args.skip_sampling = "", True
     if args.replot_steering:
         record = json.loads(args.replot_steering.read_text())
         steering = record["steering"]
         steering.setdefault("plain", {"gt": record["base"]["mean"], "unet_evaluations_per_image": 40.0})
-        plot_steering(steering, record["eval_images"], args.out / "alignment_steering.png")
+        plot_steering(steering, record["eval_images"], args.out / f"alignment_steering{suffix(args)}.png")
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,7 +202,12 @@ def main() -> None:
         method_settings[name.strip()] = json.loads(values)
     scorer = SPMScorer.from_path(SPM_PATH)
     pairs = heldout_eval_set(args.eval_prompts, 2)
-    base = _fresh_backend()
+    if args.world == "flow":
+        from spo_core.world import load_flow_world_backend
+
+        base = load_flow_world_backend()
+    else:
+        base = _fresh_backend()
     t0 = time.perf_counter()
     plain = sample_arm("base", base, pairs)
     print(f"base: {plain.stats.line()}", flush=True)
@@ -253,14 +273,14 @@ def main() -> None:
         series = {m: [(0.0, plain.stats.mean)] + [(r["unet_evaluations"], r["mean"]) for r in rows] for m, rows in training.items()}
         save_png(xy_chart(series, f"held-out GT preference vs training compute ({len(pairs)} images)",
                           "UNet image-evaluations spent in training", "GT"), args.out / "alignment_bench.png")
-    record = {"machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+    record = {"world": args.world, "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                           "torch": torch.__version__, "cuda": torch.cuda.is_available()},
               "eval_images": len(pairs), "stages": {m: method_stages.get(m, stages) for m in training},
               "train_settings": {m: {**WORLD_TRAIN_SETTINGS[m.replace("_oracle", "")], **({"threshold": 0.01} if m == "spo_oracle" else {}),
                                  **method_settings.get(m, {})} for m in training}, "base": plain.stats.as_dict(), "training": training,
               "sampling": sampling, "steering": steering, "seconds": time.perf_counter() - t0}
-    (args.out / "alignment_bench.json").write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.out / 'alignment_bench.json'}" + (f" and {args.out / 'alignment_bench.png'}" if training else ""))
+    (args.out / f"alignment_bench{suffix(args)}.json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out / f'alignment_bench{suffix(args)}.json'}" + (f" and {args.out / 'alignment_bench.png'}" if training else ""))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 WORLD = "world"
+FLOW_WORLD = "world-flow"
 WORLD_WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
 WORLD_MODEL = WORLD_WEIGHTS / "base"
 WORLD_SPM = WORLD_WEIGHTS / "spm.safetensors"
@@ -21,6 +22,11 @@ WORLD_LRM = WORLD_WEIGHTS / "lrm.safetensors"
 def is_world(spec: str | os.PathLike | None) -> bool:
     """True when `spec` names the embedded world (and no file or folder of that name is meant)."""
     return spec is not None and str(spec).strip().lower() == WORLD and not Path(str(spec)).exists()
+
+
+def is_flow_world(spec: str | os.PathLike | None) -> bool:
+    """True when `spec` names the embedded world's rectified-flow model (`world-flow`)."""
+    return spec is not None and str(spec).strip().lower() == FLOW_WORLD and not Path(str(spec)).exists()
 
 
 def resolve_model(spec: str | os.PathLike) -> str | os.PathLike:

@@ -24,8 +24,10 @@ def add_no_progress(parser) -> None:
 def default_world_scorer(model: str | None, scorer: str | None, weights: str | None) -> tuple[str | None, str | None]:
     """With `--model world`, the world's SPM is the scorer unless another one is named; the world's own
     weights for its SPM or latent reward model."""
-    from ..model_names import is_world
+    from ..model_names import is_flow_world, is_world
 
+    if is_flow_world(model):  # the world's SPM scores the flow model's pictures too (no latent scorer for it)
+        return (scorer or "spm", "world") if scorer in (None, "spm") and not weights else (scorer, weights)
     if not is_world(model):
         return scorer, weights
     if scorer in (None, "spm", "lrm") and not weights:

@@ -3,6 +3,7 @@
     spo demo                 # ~5 min on 2 CPU cores: base -> SPO LoRA -> resampler, measured
     spo demo --quick         # under 3 min: the same path, smaller
     spo demo --method ddpo   # or lpo, diffusion_dpo, ncp_dpo
+    spo demo --flow          # the world's rectified-flow model: steering vs best-of-N (--quick: smaller)
 
 Writes OUT/before_after.png, OUT/train/ (the LoRA in webui/kohya format, curves, log),
 OUT/report.json and OUT/report.md, and prints the report.
@@ -27,7 +28,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", dest="max_steps", type=int, help="training steps (default: 60; --quick: 32)")
     alias(p, "--steps", dest="max_steps", type=int)
     p.add_argument("--eval-prompts", type=int, help="held-out prompts evaluated, 2 seeds each (default: 48; --quick: 24)")
-    p.add_argument("--k", type=int, default=4, help="resampler candidates per step in the evaluation (1: skip it)")
+    p.add_argument("--k", type=int, default=4, help="resampler candidates per step in the evaluation (1: skip it); "
+                   "--flow: the steering budget N (candidates, particles, best-of)")
+    p.add_argument("--flow", action="store_true",
+                   help="the world's rectified-flow model instead: plain sampling vs best-of-N, the per-step resampler "
+                   "and FK steering at equal evaluations (trains nothing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     add_no_progress(p)
@@ -40,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import Cancelled
     from ..progress import TqdmProgress
     from ..world.demo import DemoConfig, report_markdown, run_demo
+
+    if args.flow:
+        return run_flow(args)
 
     kw = {"out": Path(args.output_dir), "method": args.method, "resampler_k": args.k, "seed": args.seed, "threads": args.threads}
     if args.max_steps is not None:
@@ -56,5 +64,29 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(report_markdown(report))
+    print(f"wrote {cfg.out / 'report.json'}, {cfg.out / 'report.md'} and {report['grid']}")
+    return 0
+
+
+def run_flow(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..progress import TqdmProgress
+    from ..world.flow_demo import FlowDemoConfig, flow_report_markdown, run_flow_demo
+
+    if args.method != "spo" or args.max_steps is not None:
+        raise ConfigError("--flow trains nothing (training on flow models is not in the pack yet): drop --method/--max-steps")
+    out = Path(args.output_dir if args.output_dir != "spo_demo" else "spo_demo_flow")
+    kw = {"out": out, "budget": args.k, "seed": args.seed, "threads": args.threads}
+    if args.eval_prompts is not None:
+        kw["eval_prompts"] = args.eval_prompts
+    cfg = FlowDemoConfig.quick(**kw) if args.quick else FlowDemoConfig(**kw)
+    bar = TqdmProgress(disable=args.no_progress, leave=False)
+    try:
+        report = run_flow_demo(cfg, progress=bar)
+    finally:
+        bar.close()
+    print(flow_report_markdown(report))
     print(f"wrote {cfg.out / 'report.json'}, {cfg.out / 'report.md'} and {report['grid']}")
     return 0

@@ -52,8 +52,25 @@ def load_world_backend(device: str | torch.device = "cpu", dtype: torch.dtype = 
     return DiffusersBackend.from_pipeline(load_world_pipeline(device, dtype))
 
 
+def load_flow_world_backend(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                            path: str | Path | None = None):
+    """The world's rectified-flow model (`weights/flow`, an SD3Transformer2DModel) with the base model's
+    VAE and text encoder, behind the sigma-space contract (`spo_core.backends.flow_backend.FlowBackend`)."""
+    from ..backends.flow_backend import FlowBackend
+    from .flow_models import FLOW_SCHEDULER_CONFIG, encode_prompts_for_flow, load_flow_transformer
+
+    pipe = load_world_pipeline(device, dtype)
+    transformer = load_flow_transformer(path, dtype=dtype).to(device)
+    text_encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+
+    def encode(prompts):
+        return encode_prompts_for_flow(text_encoder, tokenizer, prompts)
+
+    return FlowBackend(transformer, pipe.vae, encode, shift=float(FLOW_SCHEDULER_CONFIG["shift"]), arch="world-flow")
+
+
 __all__ = [
     "BASE_MODEL_DIR", "WEIGHTS_DIR", "IMAGE_SIZE", "COLOUR_NAMES", "SHAPES", "RELATION_NAMES", "Caption", "ObjectSpec",
     "Preference", "parse_caption", "render", "render_batch", "train_prompts", "heldout_prompts", "heldout_eval_set",
-    "ground_truth", "ground_truth_components", "load_world_pipeline", "load_world_backend",
+    "ground_truth", "ground_truth_components", "load_world_pipeline", "load_world_backend", "load_flow_world_backend",
 ]

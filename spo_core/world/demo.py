@@ -185,7 +185,7 @@ class UNetCounter:
         self._handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
-        sample = args[0] if args else kwargs.get("sample")
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # a UNet, or a flow transformer
         self.rows += int(sample.shape[0])
 
     def close(self) -> None:
