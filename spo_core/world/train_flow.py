@@ -1,6 +1,6 @@
 """Train the embedded world's rectified-flow model: a tiny SD3 transformer on the base model's latents.
 
-    python -m spo_core.world.train_flow [--steps 4000] [--threads 2] [--out spo_core/world/weights/flow]
+    python -m spo_core.world.train_flow [--steps 3000] [--threads 2] [--out spo_core/world/weights/flow]
 
 On a machine shared with other jobs, run it with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP
 threads that wait for a descheduled sibling made each step 3-20x slower there (same results).
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FlowTrainConfig:
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 200
