@@ -14,7 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from spo_core.errors import ConfigError
 from spo_core.sampling import ResamplerConfig, TensorConditioning, resample
 from spo_core.sampling.best_of_n import best_of_n
-from spo_core.sampling.flow import (FlowSchedule, cps_step, euler_step, exponential_time_shift, flow_step, flux_mu,
+from spo_core.sampling.flow import (FlowSchedule, cps_log_prob_upstream, cps_step, euler_step, exponential_time_shift, flow_step, flux_mu,
                                     rf_ancestral_step, sde_step)
 from spo_core.sampling.samplers import sample_ancestral
 from spo_core.sampling.step import transition_log_prob
@@ -247,3 +247,14 @@ def test_flow_schedule_refuses_discrete_sigmas_and_a_deterministic_pool():
     with pytest.raises(ConfigError, match="deterministic"):
         resample(_x0_model, _cond(1), x, FlowSchedule().diffusers_sigmas(4), FlowSchedule(step="euler"), _Brightness(),
                  _decode, None, ResamplerConfig(k=2, window=(0, 1000)))
+
+
+def test_cps_upstream_log_prob_is_the_gaussian_one_without_its_scale_and_constants():
+    """Flow-CPS trains on -mean((x' - mean)^2): 2 std^2 (log N + log std + log sqrt(2 pi)) of the exact one."""
+    g = torch.Generator().manual_seed(10)
+    x, x0 = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    mean, std = cps_step(x, x0, 0.7, 0.5, noise_level=0.7)
+    nxt = mean + std * torch.randn(x.shape, generator=g)
+    exact = transition_log_prob(nxt, mean, std)
+    expected = 2 * std ** 2 * (exact + math.log(std) + 0.5 * math.log(2 * math.pi))
+    torch.testing.assert_close(cps_log_prob_upstream(nxt, mean), expected, rtol=1e-4, atol=1e-6)

@@ -27,7 +27,6 @@ import math
 import torch
 
 from ..errors import ConfigError
-from .schedule import expand_like
 
 FLOW_STEPS = ("euler", "rf_ancestral", "sde", "cps")
 
@@ -227,6 +226,3 @@ def cps_log_prob_upstream(x_next: torch.Tensor, mean: torch.Tensor) -> torch.Ten
     d = (x_next.float() - mean.float()) ** 2
     return -d.mean(dim=tuple(range(1, d.ndim)))
 
-
-def expand_std(std, x: torch.Tensor) -> torch.Tensor:
-    return expand_like(std, x)
