@@ -27,12 +27,36 @@ def test_presets_reproduce_the_released_spo_configs():
     assert (xl.k, xl.inner_steps, xl.threshold, xl.rank, xl.alpha, xl.learning_rate) == (2, 3, 0.4, 64, 64.0, 1e-5)
     assert (xl.train_batch_size, xl.gradient_accumulation) == (2, 2)
     assert set(PRESETS) == {"spo-sd15", "spo-sdxl", "lpo-sd15", "lpo-sdxl", "diffusion-dpo", "ncp-dpo", "ddpo", "spo-world",
-                            "lpo-world", "diffusion-dpo-world", "ncp-dpo-world", "ddpo-world"}
+                            "lpo-world", "diffusion-dpo-world", "ncp-dpo-world", "ddpo-world", "grpo-world",
+                            "spo-world-flow", "grpo-world-flow", "ddpo-world-flow", "grpo-sd3", "grpo-flux", "spo-sd3",
+                            "spo-flux"}
     lpo = preset("lpo", prompts="p.txt").resolved()  # Kwai-Kolors/LPO's SD1.5 config
     assert (lpo.method, lpo.k, lpo.beta, lpo.threshold, lpo.threshold_max, lpo.min_train_t, lpo.max_train_t) == \
         ("lpo", 4, 500.0, 0.35, 0.5, 0.0, 999.0)
     assert (lpo.rank, lpo.learning_rate, lpo.sample_batch_size, lpo.train_batch_size, lpo.scorer) == (4, 6e-5, 5, 10, "lrm")
     assert TrainConfig(method="dpo", pairs="x").resolved().beta == 2500.0
+
+
+def test_flow_grpo_presets_carry_the_published_settings():
+    """Flow-GRPO @ac4c86e config/grpo.py pickscore_sd3 + base.py + train_sd3.py; its later pickscore_flux."""
+    sd3 = preset("grpo-sd3", prompts="p.txt").resolved()
+    assert (sd3.method, sd3.steps, sd3.flow_step, sd3.noise_level, sd3.guidance_scale, sd3.height) == \
+        ("grpo", 10, "sde", 0.7, 4.5, 512)
+    assert (sd3.group_size, sd3.grpo_global_std, sd3.grpo_timestep_fraction, sd3.beta) == (24, True, 0.99, 0.01)
+    assert (sd3.ddpo_clip_range, sd3.ddpo_adv_clip, sd3.rank, sd3.alpha, sd3.learning_rate) == (1e-4, 5.0, 32, 64.0, 3e-4)
+    flux = preset("grpo-flux", prompts="p.txt").resolved()
+    assert (flux.steps, flux.noise_level, flux.guidance_scale, flux.beta, flux.group_size) == (6, 0.9, 3.5, 0.0, 24)
+    assert preset("sd3").method == "spo" and preset("flux").steps == 6
+    from spo_core.training.config import auto_preset
+
+    assert auto_preset("grpo", "sd35-medium") == "grpo-sd3" and auto_preset("spo", "flux-dev") == "spo-flux"
+    assert auto_preset("grpo", None, world=True, flow=True) == "grpo-world-flow"
+    assert auto_preset("lpo", None, world=True, flow=True) is None
+    assert TrainConfig(method="flow-grpo", prompt_list=["a"]).resolved().beta == 0.04
+    with pytest.raises(ConfigError, match="group_size must be >= 2"):
+        TrainConfig(method="grpo", prompt_list=["a"], group_size=1).resolved()
+    with pytest.raises(ConfigError, match="noise_level must be > 0"):
+        TrainConfig(method="grpo", prompt_list=["a"], noise_level=0.0).resolved()
 
 
 def test_invalid_settings_say_what_to_change():
@@ -47,7 +71,7 @@ def test_invalid_settings_say_what_to_change():
     with pytest.raises(ConfigError, match="unknown method"):
         TrainConfig(method="ppo", prompt_list=["a"]).resolved()
     with pytest.raises(ConfigError, match="unknown preset"):
-        preset("sd3")
+        preset("sd4")
 
 
 def test_toml_sections_flags_and_round_trip(tmp_path):

@@ -1,6 +1,8 @@
-"""`spo train`: train a LoRA with SPO, Diffusion-DPO, NCP-DPO or DDPO on a local diffusers model.
+"""`spo train`: train a LoRA with SPO, LPO, Diffusion-DPO, NCP-DPO, DDPO or GRPO on a local diffusers model.
 
     spo train --model ./sd15 --preset sd15 --prompts prompts.txt --scorer spm --scorer-weights spm.safetensors
+    spo train --model ./sd35-medium --preset grpo-sd3 --prompts prompts.txt     # Flow-GRPO on SD3.5
+    spo train --model world-flow --method grpo --max-steps 20                    # the embedded flow world
     spo train --config run.toml                    # every setting also a flag; flags override the file
     spo train --config run.toml --resume auto      # continue the run in output_dir
     accelerate launch --multi_gpu --num_processes 2 -m spo_core train --config run.toml
@@ -23,7 +25,8 @@ def register(subparsers) -> None:
     from ..training.config import add_arguments
 
     p = subparsers.add_parser(
-        "train", help="train a LoRA (SPO, Diffusion-DPO, NCP-DPO, DDPO) on a local SD1.5/SDXL model",
+        "train", help="train a LoRA (SPO, LPO, Diffusion-DPO, NCP-DPO, DDPO, GRPO) on a local SD1.5/SDXL model, "
+        "or SPO/DDPO/GRPO on an SD3/SD3.5/Flux folder",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML or JSON file of settings (sections like [lora] are allowed)")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML and exit")
@@ -63,15 +66,21 @@ def _dtype(name: str, device):
 
 
 def with_world_defaults(cfg, args: argparse.Namespace):
-    """`--model world` with no preset: the world's own settings, scorer, weights and prompts (flags still win)."""
+    """`--model world` / `world-flow` with no preset: the world's own settings, scorer, weights and prompts
+    (flags still win)."""
     import dataclasses
 
-    from ..model_names import is_world
-    from ..training.config import SAMPLING_METHODS, TrainConfig, apply_preset, auto_preset, from_args
+    from ..errors import ConfigError
+    from ..model_names import is_flow_world, is_world
+    from ..training.config import FLOW_METHODS, SAMPLING_METHODS, TrainConfig, apply_preset, auto_preset, from_args
 
-    if not is_world(cfg.model) or cfg.preset:
+    flow = is_flow_world(cfg.model)
+    if not (is_world(cfg.model) or flow) or cfg.preset:
         return cfg
-    name = auto_preset(cfg.method, None, world=True)
+    name = auto_preset(cfg.method, None, world=True, flow=flow)
+    if name is None:
+        raise ConfigError(f"{cfg.method} does not train the world's rectified-flow model; use one of {', '.join(FLOW_METHODS)}"
+                          if flow else f"no world settings for {cfg.method}")
     world = from_args(args, apply_preset(TrainConfig(), name), preset=False)
     if args.config:  # the file's settings stay over the preset
         world = TrainConfig.from_file(args.config, world)
@@ -81,6 +90,19 @@ def with_world_defaults(cfg, args: argparse.Namespace):
     if world.method in SAMPLING_METHODS and world.scorer in ("spm", "lrm") and not world.scorer_weights:
         world = dataclasses.replace(world, scorer_weights="world")
     return world
+
+
+def load_flow_backend(model: str, device, dtype):
+    """The FlowBackend of `world-flow` or of a local SD3/SD3.5/Flux diffusers folder."""
+    from ..model_names import is_flow_world
+
+    if is_flow_world(model):
+        from ..world import load_flow_world_backend
+
+        return load_flow_world_backend(device, dtype)
+    from ..backends.flow_backend import FlowBackend
+
+    return FlowBackend.from_pretrained(model, device=device, dtype=dtype)
 
 
 def gpu_tactics(cfg) -> dict:
@@ -139,9 +161,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..backends import DiffusersBackend
+    from ..backends.flow_backend import is_flow_pipeline_folder
+    from ..model_names import is_flow_world
     from ..progress import TqdmProgress
     from ..safe_io import sha256_file
-    from ..training import DiffusersTrainingHost, train
+    from ..training import DiffusersTrainingHost, FlowTrainingHost, train
+    from ..training.config import SAMPLING_METHODS
 
     device = _device(resolved.device)
     dtype = _dtype(resolved.model_dtype, device)
@@ -150,15 +175,18 @@ def run(args: argparse.Namespace) -> int:
     # every process says what it is: a launcher that silently started one process shows at once
     print(f"spo train: process {rank + 1} of {world} on {device} ({resolved.method}, {resolved.max_steps} steps, "
           f"output {resolved.output_dir})", file=sys.stderr)
-    backend = DiffusersBackend.from_pretrained(resolved.model, arch=resolved.arch, device=device, dtype=dtype, vae=resolved.vae,
-                                               loading_bars=not args.no_progress and rank == 0)
-    if resolved.offload != "none":
-        backend.offload(resolved.offload.split("+"))
     model_path = Path(resolved.model)
     model_hash = sha256_file(model_path) if model_path.is_file() else None
-    host = DiffusersTrainingHost(backend, model_name=model_path.name, model_hash=model_hash)
+    if is_flow_world(resolved.model) or (model_path.is_dir() and is_flow_pipeline_folder(model_path)):
+        host = FlowTrainingHost(load_flow_backend(resolved.model, device, dtype), model_name=model_path.name)
+    else:
+        backend = DiffusersBackend.from_pretrained(resolved.model, arch=resolved.arch, device=device, dtype=dtype,
+                                                   vae=resolved.vae, loading_bars=not args.no_progress and rank == 0)
+        if resolved.offload != "none":
+            backend.offload(resolved.offload.split("+"))
+        host = DiffusersTrainingHost(backend, model_name=model_path.name, model_hash=model_hash)
     scorer = None
-    if resolved.method in ("spo", "lpo", "ddpo"):
+    if resolved.method in SAMPLING_METHODS:
         from ..scorers import load_scorer
 
         scorer = load_scorer(resolved.scorer, resolved.scorer_weights, device=device,

@@ -110,6 +110,19 @@ class FlowSchedule:
         """The model-space latent of a sample: a flow sample already is one (no VP rescaling)."""
         return x
 
+    def start_sample(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The sample at `sigma` made of standard-normal noise alone: sigma * noise (sigma = 1: the noise)."""
+        return noise * float(sigma)
+
+    def spo_sigmas(self, steps: int = 20) -> torch.Tensor:
+        """The sampling schedule of training rollouts and validation: diffusers' shifted grid (SD3), or
+        Flux's linspace(1, 1/steps) grid with this schedule's mu."""
+        return self.diffusers_sigmas(steps) if self.mu is None else self.flux_sigmas(steps, self.mu)
+
+    def with_step(self, step: str, noise_level: float | None = None) -> "FlowSchedule":
+        """The same noise levels with another stochastic step (training rollouts: sde or cps)."""
+        return FlowSchedule(self.shift, self.num_train_timesteps, step, noise_level, self.mu)
+
     def diffusers_sigmas(self, steps: int, mu: float | None = None) -> torch.Tensor:
         """FlowMatchEulerDiscreteScheduler(shift).set_timesteps(steps[, mu]).sigmas, ending in 0.
 

@@ -139,6 +139,10 @@ class NoiseSchedule:
         """The model-space (VP) latent of a sigma-space sample: what a VAE or a latent scorer reads."""
         return sigma_space_to_vp(x, sigma) if float(torch.as_tensor(sigma).max()) > 0 else x
 
+    def start_sample(self, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The sigma-space sample at `sigma` made of standard-normal noise: noise * sqrt(1 + sigma^2)."""
+        return vp_to_sigma_space(noise, sigma)
+
     def ancestral_step(self, x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, eta: float):
         """(mean, std) of the DDIM(eta) = Euler-ancestral step (step.py)."""
         from .step import ancestral_mean, ancestral_sigmas

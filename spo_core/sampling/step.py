@@ -76,3 +76,35 @@ def transition_log_prob(x_next: torch.Tensor, mean: torch.Tensor, sigma_up: torc
     if reduce == "sum":
         return lp.sum(dim=dims)
     raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+def step_rows(schedule, x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+              eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [B,...], std [B]) of the schedule's stochastic step for rows at their own sigmas: what the
+    trainers re-evaluate under the policy. Differentiable through x0. DDIM(eta) is vectorised (the
+    sigmas in float64, as `ancestral_sigmas`); a flow step runs once per distinct (sigma, sigma') pair."""
+    sigma, sigma_next = torch.as_tensor(sigma).reshape(-1), torch.as_tensor(sigma_next).reshape(-1)
+    if schedule is None or not getattr(schedule, "is_flow", False):
+        down, up = ancestral_sigmas(sigma.double().cpu(), sigma_next.double().cpu(), eta)
+        mean = ancestral_mean(x, x0, sigma.float().to(x.device), down.float().to(x.device))
+        return mean, up.float().to(x.device)
+    pairs = list(zip(sigma.tolist(), sigma_next.tolist()))
+    pieces, order, stds = [], [], torch.empty(len(pairs), dtype=torch.float32)
+    for s, n in dict.fromkeys(pairs):
+        rows = [i for i, p in enumerate(pairs) if p == (s, n)]
+        idx = torch.tensor(rows, device=x.device)
+        mean, std = schedule.ancestral_step(x[idx], x0[idx], s, n, eta)
+        pieces.append(mean)
+        order.extend(rows)
+        stds[rows] = float(std)
+    mean = torch.cat(pieces)[torch.argsort(torch.tensor(order, device=x.device))]
+    return mean, stds.to(x.device)
+
+
+def step_std(schedule, sigma: float, sigma_next: float, eta: float) -> float:
+    """The model-space std of one stochastic step (VP scale for DDIM: sigma_up / sqrt(1 + sigma_next^2))."""
+    if schedule is not None and getattr(schedule, "is_flow", False):
+        z = torch.zeros(1)
+        return float(schedule.ancestral_step(z, z, sigma, sigma_next, eta)[1])
+    _, up = ancestral_sigmas(sigma, sigma_next, eta)
+    return float(up) / (1.0 + sigma_next * sigma_next) ** 0.5

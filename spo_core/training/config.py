@@ -18,11 +18,13 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError, FileMissingError
 
-METHODS = ("spo", "lpo", "diffusion_dpo", "ncp_dpo", "ddpo")
+METHODS = ("spo", "lpo", "diffusion_dpo", "ncp_dpo", "ddpo", "grpo")
 STEPWISE_METHODS = ("spo", "lpo")  # pairs of transitions from shared states, sampled with the current policy
-SAMPLING_METHODS = ("spo", "lpo", "ddpo")  # train on prompts and a scorer (the others on offline pairs)
+SAMPLING_METHODS = ("spo", "lpo", "ddpo", "grpo")  # train on prompts and a scorer (the others on offline pairs)
+FLOW_METHODS = ("spo", "ddpo", "grpo")  # what trains on rectified-flow models (SDE/CPS transitions)
+FLOW_STEPS_TRAINED = ("sde", "cps", "rf_ancestral")
 METHOD_ALIASES = {"dpo": "diffusion_dpo", "diffusion-dpo": "diffusion_dpo", "ncp": "ncp_dpo", "ncp-dpo": "ncp_dpo",
-                  "mspo": "spo"}
+                  "mspo": "spo", "flow-grpo": "grpo", "flow_grpo": "grpo"}
 PRECISIONS = ("no", "fp16", "bf16")
 
 
@@ -36,7 +38,7 @@ def _f(default, help: str, group: str = "general", **kw):
 class TrainConfig:
     # -- what and where ---------------------------------------------------------------------
     method: str = _f("spo", "spo, lpo (SPO's loop scored by a latent reward model), diffusion_dpo (alias dpo), "
-                     "ncp_dpo (alias ncp) or ddpo",
+                     "ncp_dpo (alias ncp), ddpo or grpo (Flow-GRPO; UNet models too)",
                      choices=METHODS + tuple(METHOD_ALIASES))
     preset: str | None = _f(None, "preset applied before the other settings: " + "{presets}")
     output_dir: str = _f("spo_output", "folder for the LoRA, checkpoints, log, curves and validation grids")
@@ -74,24 +76,36 @@ class TrainConfig:
     auto_threshold: bool | None = _f(None, "SPO: calibrate the threshold from the first sampling round (the median pool gap, "
                                      "so half of the pools make pairs); default: only for scorers whose scores are not on "
                                      "SPO's scale (jpeg_*, aesthetic)", "sampling")
-    max_train_t: float = _f(751.0, "SPO: train transitions whose parent timestep is <= this (SPO: 751)", "sampling")
+    max_train_t: float = _f(751.0, "SPO: train transitions whose parent timestep is <= this (SPO: 751; flow models: "
+                            "1000 * sigma, so 751 is sigma <= 0.751, near SPO's window at equal SNR, sigma 0.80)", "sampling")
     min_train_t: float = _f(0.0, "SPO: ... and >= this", "sampling")
+    flow_step: str = _f("sde", "flow models: the stochastic step of the rollouts: sde (Flow-GRPO), cps (coefficients-"
+                        "preserving) or rf_ancestral (ComfyUI's euler_ancestral)", "sampling", choices=FLOW_STEPS_TRAINED)
+    noise_level: float = _f(0.7, "flow models: the step's noise level (Flow-GRPO's a: 0.7 SD3.5, 0.9 Flux; "
+                            "rf_ancestral: its eta)", "sampling")
     scorer: str = _f("spm", "scorer name (spm, pickscore, hpsv2, aesthetic, clip, jpeg_compressibility, ...)", "sampling")
     scorer_weights: str | None = _f(None, "scorer weights file or folder ('world': the embedded world's SPM)", "sampling")
     scorer_options: dict = _f({}, "extra scorer options (TOML table / JSON object)", "sampling")
     # -- objective ----------------------------------------------------------------------------
-    beta: float | None = _f(None, "DPO beta (default: SPO 10, Diffusion-DPO and NCP 2500)", "objective")
+    beta: float | None = _f(None, "DPO beta (default: SPO 10, LPO 500, Diffusion-DPO and NCP 2500); GRPO: the KL "
+                            "coefficient (default 0.04; 0 = no reference pass)", "objective")
     clip_eps: float = _f(0.1, "SPO: clamp of the policy/reference ratio to [1-eps, 1+eps]", "objective")
     dpo_loss: str = _f("sigmoid", "Diffusion-DPO loss: sigmoid, hinge or ipo", "objective", choices=("sigmoid", "hinge", "ipo"))
     ncp_variant: str = _f("dpo", "NCP: dpo, cpo (no reference) or sft (winners only)", "objective", choices=("dpo", "cpo", "sft"))
     ncp_features: str = _f("down", "NCP features: 'down' (last down block) or 'mid' (mid block) of the base UNet", "objective",
                            choices=("down", "mid"))
-    ddpo_clip_range: float = _f(1e-4, "DDPO: PPO clip range of the importance ratio", "objective")
-    ddpo_adv_clip: float = _f(5.0, "DDPO: advantages are clipped to +-this", "objective")
+    ddpo_clip_range: float = _f(1e-4, "DDPO and GRPO: PPO clip range of the importance ratio", "objective")
+    ddpo_adv_clip: float = _f(5.0, "DDPO and GRPO: advantages are clipped to +-this", "objective")
     ddpo_buffer_size: int = _f(32, "DDPO: rewards kept per prompt for advantage normalization (0: batch statistics)", "objective")
     ddpo_min_count: int = _f(16, "DDPO: rewards a prompt needs before its own statistics are used", "objective")
     ddpo_samples_per_prompt: int = _f(2, "DDPO: images sampled per prompt in a round", "objective")
     ddpo_timestep_fraction: float = _f(1.0, "DDPO: fraction of each trajectory's steps trained", "objective")
+    group_size: int = _f(8, "GRPO: images per prompt in a round; each is scored against its group (Flow-GRPO: 24)",
+                         "objective")
+    grpo_global_std: bool = _f(True, "GRPO: divide advantages by the std of every reward of the round (Flow-GRPO's "
+                               "global_std) instead of the prompt's own", "objective")
+    grpo_timestep_fraction: float = _f(0.99, "GRPO: train the first int(steps * this) steps of each trajectory "
+                                       "(Flow-GRPO: 0.99, so 9 of 10)", "objective")
     # -- LoRA ---------------------------------------------------------------------------------
     rank: int = _f(4, "LoRA rank", "lora")
     alpha: float | None = _f(None, "LoRA alpha (default: the rank, scale 1)", "lora")
@@ -131,9 +145,10 @@ class TrainConfig:
         c = dataclasses.replace(self)
         c.method = METHOD_ALIASES.get(c.method.lower(), c.method.lower())
         if c.beta is None:
-            c.beta = {"spo": 10.0, "lpo": 500.0}.get(c.method, 2500.0)
+            c.beta = {"spo": 10.0, "lpo": 500.0, "grpo": 0.04}.get(c.method, 2500.0)
         if c.learning_rate is None:
-            c.learning_rate = {"spo": 6e-5, "lpo": 6e-5, "diffusion_dpo": 1e-5, "ncp_dpo": 5e-6, "ddpo": 3e-4}.get(c.method, 6e-5)
+            c.learning_rate = {"spo": 6e-5, "lpo": 6e-5, "diffusion_dpo": 1e-5, "ncp_dpo": 5e-6, "ddpo": 3e-4,
+                               "grpo": 3e-4}.get(c.method, 6e-5)
         if c.alpha is None:
             c.alpha = float(c.rank)
         c.validate(require_data)
@@ -150,6 +165,11 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.method in SAMPLING_METHODS:
+            if self.noise_level <= 0:
+                raise ConfigError(f"noise_level must be > 0 (Flow-GRPO: 0.7), got {self.noise_level}: a deterministic flow "
+                                  "step has no density to train on")
+            if self.flow_step not in FLOW_STEPS_TRAINED:
+                raise ConfigError(f"flow_step must be one of {', '.join(FLOW_STEPS_TRAINED)}, got {self.flow_step!r}")
             if self.eta <= 0:
                 raise ConfigError(
                     f"{self.method} needs stochastic sampling (eta > 0; SPO uses 1.0): with eta = 0 the step has no "
@@ -167,6 +187,13 @@ class TrainConfig:
                 raise ConfigError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
         if require_data and self.method in ("diffusion_dpo", "ncp_dpo") and not self.pairs:
             raise ConfigError(f"{self.method} trains on preference pairs: give pairs=FOLDER or a JSONL/CSV/parquet file")
+        if self.method == "grpo":
+            if not 0 < self.grpo_timestep_fraction <= 1:
+                raise ConfigError(f"grpo_timestep_fraction must be in (0, 1], got {self.grpo_timestep_fraction}")
+            if self.group_size < 2:
+                raise ConfigError(f"GRPO compares each image with its group: group_size must be >= 2, got {self.group_size}")
+            if self.beta < 0:
+                raise ConfigError(f"GRPO's KL coefficient beta must be >= 0, got {self.beta}")
         if self.method == "ddpo":
             if not 0 < self.ddpo_timestep_fraction <= 1:
                 raise ConfigError("ddpo_timestep_fraction must be in (0, 1]")
@@ -289,31 +316,77 @@ PRESETS: dict[str, dict[str, Any]] = {
     "diffusion-dpo-world": dict(method="diffusion_dpo", learning_rate=1e-3, rank=8, train_batch_size=16),
     "ncp-dpo-world": dict(method="ncp_dpo", learning_rate=1e-3, rank=8, train_batch_size=16),
     "ddpo-world": dict(method="ddpo", learning_rate=3e-3, rank=8, sample_batch_size=32, train_batch_size=32),
+    "grpo-world": dict(method="grpo", learning_rate=3e-3, rank=8, group_size=8, sample_batch_size=8, train_batch_size=32,
+                       beta=0.04, scorer="spm", scorer_weights="world", validation_prompts=["a red circle"]),
+    # the world's rectified-flow model (world-flow): 10-step SDE rollouts (Flow-GRPO's denoising reduction),
+    # measured in bench/alignment_bench.py --world flow (README)
+    "spo-world-flow": dict(method="spo", steps=10, flow_step="sde", noise_level=0.7, learning_rate=3e-3, rank=8, k=4,
+                           sample_batch_size=32, train_batch_size=64, threshold=0.1, beta=100.0, scorer="spm",
+                           scorer_weights="world", validation_prompts=["a red circle"]),
+    "grpo-world-flow": dict(method="grpo", steps=10, flow_step="sde", noise_level=0.7, learning_rate=3e-3, rank=8,
+                            group_size=8, sample_batch_size=8, train_batch_size=32, beta=0.04, scorer="spm",
+                            scorer_weights="world", validation_prompts=["a red circle"]),
+    "ddpo-world-flow": dict(method="ddpo", steps=10, flow_step="sde", noise_level=0.7, learning_rate=3e-3, rank=8,
+                            sample_batch_size=32, train_batch_size=32, scorer="spm", scorer_weights="world"),
+    # Flow-GRPO (yifan123/flow_grpo @ac4c86e config/grpo.py pickscore_sd3 + config/base.py + scripts/train_sd3.py):
+    # SD3.5-medium, 10-step SDE rollouts (a = 0.7) at 512 px, CFG 4.5, groups of 24 with the global std, KL 0.01
+    # (0.04 for its GenEval/OCR runs), PPO clip 1e-4, advantages clipped to 5, 9 of 10 steps trained, LoRA r 32 /
+    # alpha 64 (gaussian) on every attention projection, lr 3e-4. Two optimizer steps per round, as there.
+    "grpo-sd3": dict(method="grpo", steps=10, flow_step="sde", noise_level=0.7, guidance_scale=4.5, height=512, width=512,
+                     group_size=24, grpo_global_std=True, grpo_timestep_fraction=0.99, beta=0.01, ddpo_clip_range=1e-4,
+                     ddpo_adv_clip=5.0, rank=32, alpha=64.0, init="gaussian", targets="attn", learning_rate=3e-4,
+                     weight_decay=1e-4, max_grad_norm=1.0, sample_batch_size=2, train_batch_size=8, gradient_accumulation=3,
+                     scorer="pickscore", seed=42, validation_prompts=["A beautiful lake"]),
+    # Flow-GRPO's FLUX.1-dev PickScore config (config/grpo.py pickscore_flux, a later revision than ac4c86e): 6-step
+    # SDE rollouts with a = 0.9, distilled guidance 3.5, 512 px, groups of 24, no KL term (beta 0), bf16
+    "grpo-flux": dict(method="grpo", steps=6, flow_step="sde", noise_level=0.9, guidance_scale=3.5, height=512, width=512,
+                      group_size=24, grpo_global_std=True, grpo_timestep_fraction=0.99, beta=0.0, ddpo_clip_range=1e-4,
+                      ddpo_adv_clip=5.0, rank=32, alpha=64.0, init="gaussian", targets="attn", learning_rate=3e-4,
+                      weight_decay=1e-4, max_grad_norm=1.0, sample_batch_size=2, train_batch_size=8, gradient_accumulation=3,
+                      scorer="pickscore", seed=42, validation_prompts=["A beautiful lake"]),
+    # SPO on flow models (no published config): SPO's step-wise pairs and loss (k 4, threshold 0.3, beta 10, clamp
+    # 0.1, window t = 1000 sigma <= 751) on Flow-GRPO's rollouts above, with SPO-SDXL's large-model lr 1e-5
+    "spo-sd3": dict(method="spo", steps=10, flow_step="sde", noise_level=0.7, guidance_scale=4.5, height=512, width=512,
+                    k=4, threshold=0.3, beta=10.0, clip_eps=0.1, max_train_t=751.0, rank=32, alpha=64.0, init="gaussian",
+                    targets="attn", learning_rate=1e-5, weight_decay=1e-4, max_grad_norm=1.0, sample_batch_size=4,
+                    train_batch_size=4, scorer="pickscore", seed=42, validation_prompts=["A beautiful lake"]),
+    "spo-flux": dict(method="spo", steps=6, flow_step="sde", noise_level=0.9, guidance_scale=3.5, height=512, width=512,
+                     k=4, threshold=0.3, beta=10.0, clip_eps=0.1, max_train_t=751.0, rank=32, alpha=64.0, init="gaussian",
+                     targets="attn", learning_rate=1e-5, weight_decay=1e-4, max_grad_norm=1.0, sample_batch_size=4,
+                     train_batch_size=4, scorer="pickscore", seed=42, validation_prompts=["A beautiful lake"]),
 }
 # Memory settings of the SD1.5/SDXL presets on one CUDA GPU: `spo train` applies them when it trains on
 # CUDA, under the config file and the flags (either overrides each). bench/gpu_suite.py measures them
 # against the targets (SD1.5 SPO <= 10 GB, SDXL <= 24 GB). 8-bit AdamW only where bitsandbytes is.
 _SD15_GPU = dict(mixed_precision="fp16", gradient_checkpointing=True, offload="text_encoders")
 _SDXL_GPU = dict(_SD15_GPU, optimizer="adamw8bit")
+_FLOW_GPU = dict(mixed_precision="bf16", gradient_checkpointing=True, offload="text_encoders")
 GPU_TACTICS: dict[str, dict[str, Any]] = {"spo-sd15": _SD15_GPU, "lpo-sd15": _SD15_GPU, "spo-sdxl": _SDXL_GPU,
-                                          "lpo-sdxl": _SDXL_GPU}
+                                          "lpo-sdxl": _SDXL_GPU, "spo-sd3": _FLOW_GPU, "grpo-sd3": _FLOW_GPU,
+                                          "spo-flux": _FLOW_GPU, "grpo-flux": _FLOW_GPU}
 PRESET_ALIASES = {"lpo": "lpo-sd15", "lpo-xl": "lpo-sdxl", "sd15": "spo-sd15", "sd1.5": "spo-sd15", "spo": "spo-sd15", "sdxl": "spo-sdxl", "mspo": "spo-sdxl",
-                  "dpo": "diffusion-dpo", "diffusion_dpo": "diffusion-dpo", "ncp": "ncp-dpo", "ncp_dpo": "ncp-dpo"}
+                  "dpo": "diffusion-dpo", "diffusion_dpo": "diffusion-dpo", "ncp": "ncp-dpo", "ncp_dpo": "ncp-dpo",
+                  "grpo": "grpo-sd3", "flow-grpo": "grpo-sd3", "sd3": "spo-sd3", "flux": "spo-flux"}
 
 
 def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def auto_preset(method: str, arch: str | None, world: bool = False) -> str | None:
-    """The preset `auto` means for a method on a model: the world's own settings on the world,
-    SPO's SD1.5 / SDXL configs for SPO, the method's published settings for the others."""
+def auto_preset(method: str, arch: str | None, world: bool = False, flow: bool = False) -> str | None:
+    """The preset `auto` means for a method on a model: the world's own settings on the world (its flow
+    model's with `flow`), Flow-GRPO's / SPO-on-flow settings on SD3 and Flux, SPO's SD1.5 / SDXL configs
+    for SPO, the method's published settings for the others."""
     method = METHOD_ALIASES.get(method, method)
     if world:
-        return f"{method.replace('_', '-')}-world"
+        name = f"{method.replace('_', '-')}-world" + ("-flow" if flow else "")
+        return name if name in PRESETS else None
+    family = "flux" if arch and "flux" in arch else "sd3" if arch and "sd3" in arch else None
+    if family and method in ("spo", "grpo"):
+        return f"{method}-{family}"
     if method in STEPWISE_METHODS:
         return f"{method}-sdxl" if arch and "xl" in arch else f"{method}-sd15"
-    return {"ddpo": "ddpo", "diffusion_dpo": "diffusion-dpo", "ncp_dpo": "ncp-dpo"}.get(method)
+    return {"ddpo": "ddpo", "diffusion_dpo": "diffusion-dpo", "ncp_dpo": "ncp-dpo", "grpo": "grpo-sd3"}.get(method)
 
 
 def apply_preset(cfg: TrainConfig, name: str) -> TrainConfig:

@@ -82,7 +82,12 @@ class DiffusersTrainingHost:
         self.default_size = int(backend.default_size)
         self._name = model_name
         self._hash = model_hash
-        self._checkpointing_was = bool(getattr(backend.unet, "is_gradient_checkpointing", False))
+        self._checkpointing_was = bool(getattr(self.denoiser_model, "is_gradient_checkpointing", False))
+
+    @property
+    def denoiser_model(self) -> nn.Module:
+        """The network the LoRA trains: the UNet here, a flow model's transformer in FlowTrainingHost."""
+        return self.backend.unet
 
     @classmethod
     def from_pipeline(cls, pipe, device=None, dtype=None, arch: str | None = None, **kw) -> "DiffusersTrainingHost":
@@ -122,19 +127,46 @@ class DiffusersTrainingHost:
         raise ConfigError(f"NCP features must come from 'down' or 'mid', got {where!r}")
 
     def set_gradient_checkpointing(self, enabled: bool, checkpoint_fn: Callable | None = None) -> None:
-        unet = self.backend.unet
+        model = self.denoiser_model
         if enabled:
             if checkpoint_fn is None:
-                unet.enable_gradient_checkpointing()
+                model.enable_gradient_checkpointing()
             else:
-                unet.enable_gradient_checkpointing(lambda module, *args: checkpoint_fn(module, *args))
+                model.enable_gradient_checkpointing(lambda module, *args: checkpoint_fn(module, *args))
         elif self._checkpointing_was:
-            unet.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing()
         else:
-            unet.disable_gradient_checkpointing()
+            model.disable_gradient_checkpointing()
 
     def model_info(self) -> dict[str, str]:
         info = {"name": self._name or str(getattr(self.backend.pipe, "name_or_path", "") or self.arch)}
         if self._hash:
             info["hash"] = self._hash
         return info
+
+
+
+class FlowTrainingHost(DiffusersTrainingHost):
+    """TrainingHost over a FlowBackend (SD3/SD3.5, Flux, the world's flow model): the LoRA hooks go on the
+    transformer (diffusers names), the rollouts use the pipeline's own sigmas (`training_sigmas`)."""
+
+    @property
+    def denoiser_model(self) -> nn.Module:
+        return self.backend.transformer
+
+    def lora_root(self) -> LoRARoot:
+        return LoRARoot(self.backend.transformer, "diffusers", "")
+
+    def training_sigmas(self, steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """The pipeline's schedule for this image size (SD3: the shifted grid; Flux: mu from the token count)."""
+        return self.backend.default_sigmas(steps, height, width)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"the offline-pair methods (Diffusion-DPO, NCP-DPO) do not train rectified-flow models ({self.arch})")
+
+    def feature_module(self, where: str) -> nn.Module:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"NCP-DPO reads UNet block features; {self.arch} is a rectified-flow transformer")

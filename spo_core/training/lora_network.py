@@ -81,13 +81,15 @@ def resolve_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def select_modules(table: ModuleTable, targets: str | Iterable[str]) -> list[ModuleInfo]:
-    """The UNet modules a target set trains (SPO's 'attn' = to_q/k/v/out.0 of every attention)."""
+    """The denoiser's modules a target set trains: SPO's 'attn' = to_q/k/v/out.0 of every UNet attention;
+    on a flow transformer every attention projection, the context stream's too (Flow-GRPO's set: to_q/k/v,
+    to_out.0, add_q/k/v_proj, to_add_out)."""
     groups = resolve_targets(targets)
     out = []
-    for m in table.select(("unet",), None):
+    for m in table.select((table.denoiser,), None):
         g = m.group
         if g == "attn" and "attn" in groups:
-            if m.name.endswith(SPO_ATTN_SUFFIXES):
+            if m.component == "transformer" or m.name.endswith(SPO_ATTN_SUFFIXES):
                 out.append(m)
         elif g in ("ff", "proj", "resnet") and g in groups:
             out.append(m)
@@ -342,7 +344,7 @@ def find_host_modules(root: LoRARoot, table: ModuleTable, modules: Iterable[Modu
         if root.naming == "ldm":
             info = table.from_ldm(rel)
         elif root.naming == "diffusers":
-            info = table.get("unet", rel)
+            info = table.get(table.denoiser, rel)
         else:
             raise ConfigError(f"unknown module naming {root.naming!r}; use 'diffusers' or 'ldm'")
         if info is None or (info.component, info.name) not in wanted:

@@ -19,6 +19,7 @@ CURVE_PANELS = {
     "diffusion_dpo": [["loss"], ["implicit_acc"], ["model_mse_w", "model_mse_l"]],
     "ncp_dpo": [["loss"], ["implicit_acc"], ["model_d_w", "model_d_l"]],
     "ddpo": [["loss"], ["reward"], ["approx_kl", "clipfrac"]],
+    "grpo": [["loss", "policy_loss"], ["reward"], ["kl"], ["approx_kl", "clipfrac"]],
 }
 
 

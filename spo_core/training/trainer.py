@@ -27,12 +27,12 @@ from ..errors import Cancelled, ConfigError, InvalidTensorError, OutputExistsErr
 from ..lora.model import LoRA
 from ..progress import CancelFn, ProgressEvent, ProgressFn, Reporter
 from . import checkpoint as ckpt
-from .config import RESUME_ADJUSTABLE, RESUME_SAFE, SAMPLING_METHODS, STEPWISE_METHODS, TrainConfig
+from .config import FLOW_METHODS, RESUME_ADJUSTABLE, RESUME_SAFE, SAMPLING_METHODS, STEPWISE_METHODS, TrainConfig
 from .data import LatentPairs, PairRecord, load_pairs, load_prompts
 from .distributed import Distributed
 from .host import TrainingHost
 from .lora_network import LoRANetwork, inject_lora
-from .objectives import OBJECTIVES, DDPOSource, LPOSource, PairSource, SPOSource
+from .objectives import OBJECTIVES, DDPOSource, GRPOSource, LPOSource, PairSource, SPOSource
 from .outputs import JsonlLog, lora_metadata, output_paths, save_lora_files, write_curves
 from .run_lock import RunLock
 from .validation import Validator
@@ -168,6 +168,7 @@ class Trainer:
             log.info("no checkpoint in %s: starting a new run", self.output_dir)
         if resume_from is None:
             self._check_fresh_output()
+        self._setup_schedule()
         table = self.host.module_table()
         if self.scorer is not None:
             from ..scorers.lrm import check_latent_scorer_fits
@@ -190,7 +191,6 @@ class Trainer:
         if self.device.type == "cuda" and (cfg.mixed_precision == "fp16" or self.host.dtype == torch.float16):
             self.scaler = torch.amp.GradScaler("cuda")  # fp16 activations: scale the loss so gradients do not underflow
         self.train_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 3 + self.rank)
-        self.sigmas = self.host.schedule.spo_sigmas(cfg.steps)
         self.denoiser_cfg = self.host.denoiser(cfg.guidance_scale)
         self.denoiser_plain = self.host.denoiser(1.0)
         self.objective = OBJECTIVES[cfg.method]()
@@ -200,7 +200,8 @@ class Trainer:
             vprompts = cfg.validation_prompts or validation_default[:2]
             self.validator = Validator(self.host, self.network, vprompts, cfg.validation_seeds or [0], cfg.steps,
                                        cfg.guidance_scale,
-                                       cfg.negative_prompt or None, cfg.height, cfg.width, self.autocast)
+                                       cfg.negative_prompt or None, cfg.height, cfg.width, self.autocast,
+                                       sigmas=self.sigmas)
         if resume_from is not None:
             self._load_checkpoint(resume_from)
         if self.rank == 0:
@@ -208,6 +209,21 @@ class Trainer:
             self.log_event("start", method=cfg.method, resumed_from=str(resume_from) if resume_from else None,
                            world=self.world, modules=len(self.network.branches), parameters=self.network.num_parameters(),
                            changed={k: list(v) for k, v in self.resume_changes.items()})
+
+    def _setup_schedule(self) -> None:
+        """The sampling schedule, step and noise of the rollouts. A flow model trains on its SDE/CPS step
+        (`flow_step`, `noise_level`) over the host's own sigmas (`host.training_sigmas` where a host has
+        one: Flux's depend on the image size); a discrete model on DDIM(eta) over SPO's 20 leading steps."""
+        cfg, schedule = self.cfg, self.host.schedule
+        self.schedule, self.eta = schedule, cfg.eta
+        if getattr(schedule, "is_flow", False):
+            if cfg.method not in FLOW_METHODS:
+                raise ConfigError(
+                    f"{cfg.method} does not train rectified-flow models ({self.host.arch}): it needs the UNet's noise "
+                    f"prediction or a latent reward model of SD1.5/SDXL; use {', '.join(FLOW_METHODS)} on this model")
+            self.schedule, self.eta = schedule.with_step(cfg.flow_step), cfg.noise_level
+        sigmas_of = getattr(self.host, "training_sigmas", None)
+        self.sigmas = sigmas_of(cfg.steps, cfg.height, cfg.width) if sigmas_of else self.schedule.spo_sigmas(cfg.steps)
 
     def _start_from_lora(self, path: str, table) -> None:
         """init_lora: a LoRA that matches none of the trained modules is an error, never a silent fresh start."""
@@ -272,9 +288,10 @@ class Trainer:
             prompts = self._prompts()
             source = LPOSource if cfg.method == "lpo" else SPOSource
             return source(self, prompts, self.scorer), prompts
-        if cfg.method == "ddpo":
+        if cfg.method in ("ddpo", "grpo"):
             prompts = self._prompts()
-            return DDPOSource(self, prompts, self.scorer), prompts
+            source = GRPOSource if cfg.method == "grpo" else DDPOSource
+            return source(self, prompts, self.scorer), prompts
         data = self._pairs_arg
         if not isinstance(data, LatentPairs):
             records = list(data) if data is not None else load_pairs(cfg.pairs)
@@ -602,7 +619,7 @@ class Trainer:
         self.close()
 
 
-_SHOWN = ("loss", "score_margin", "reward", "implicit_acc", "ratio_win", "ratio_lose", "logit_margin", "logratio_margin",
+_SHOWN = ("loss", "score_margin", "reward", "kl", "implicit_acc", "ratio_win", "ratio_lose", "logit_margin", "logratio_margin",
           "eta_s", "lr")
 
 

@@ -14,27 +14,29 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..sampling.samplers import sample_ancestral
-from ..sampling.schedule import sigma_space_to_vp, vp_to_sigma_space
 
 
 @torch.no_grad()
 def sample_images(host, network, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float,
                   multiplier: float, negative_prompt: str | None = None, height: int | None = None,
-                  width: int | None = None, autocast=None) -> torch.Tensor:
-    """Images [P*S,3,H,W] in [0,1] for every (prompt, seed), prompt-major, with the LoRA at `multiplier`."""
+                  width: int | None = None, autocast=None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """Images [P*S,3,H,W] in [0,1] for every (prompt, seed), prompt-major, with the LoRA at `multiplier`:
+    deterministic steps (DDIM eta 0; a flow model's Euler ODE) over `sigmas` (default SPO's schedule)."""
     import contextlib
 
     autocast = autocast or contextlib.nullcontext
     rows = [(p, s) for p in prompts for s in seeds]
     cond = host.encode_prompts([p for p, _ in rows], negative_prompt, height, width)
-    sigmas = host.schedule.spo_sigmas(steps)
+    schedule = host.schedule
+    if getattr(schedule, "is_flow", False):
+        schedule = schedule.with_step("euler")
+    sigmas = schedule.spo_sigmas(steps) if sigmas is None else sigmas
     shape = host.latent_shape(1, height, width)[1:]
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for _, s in rows])
-    x = vp_to_sigma_space(noise, float(sigmas[0])).to(host.device)
+    x = schedule.start_sample(noise, float(sigmas[0])).to(host.device)
     with network.scaled(multiplier), autocast():
-        res = sample_ancestral(host.denoiser(guidance_scale), cond, x, sigmas, eta=0.0, schedule=host.schedule)
-        last = float(sigmas[-1])
-        images = host.decode(sigma_space_to_vp(res.x, last) if last > 0 else res.x)
+        res = sample_ancestral(host.denoiser(guidance_scale), cond, x, sigmas, eta=0.0, schedule=schedule)
+        images = host.decode(schedule.model_latent(res.x, float(sigmas[-1])))
     return images.float().cpu().clamp(0, 1)
 
 
@@ -77,11 +79,12 @@ class Validator:
     """Renders the validation grid at a step; the base images are sampled once per run."""
 
     def __init__(self, host, network, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float,
-                 negative_prompt: str | None = None, height: int | None = None, width: int | None = None, autocast=None):
+                 negative_prompt: str | None = None, height: int | None = None, width: int | None = None, autocast=None,
+                 sigmas: torch.Tensor | None = None):
         self.host, self.network = host, network
         self.prompts, self.seeds = list(prompts), [int(s) for s in seeds]
         self.kw = dict(steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height,
-                       width=width, autocast=autocast)
+                       width=width, autocast=autocast, sigmas=sigmas)
         self._base: torch.Tensor | None = None
 
     def labels(self) -> list[str]:

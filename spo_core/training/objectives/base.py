@@ -8,7 +8,6 @@ from typing import Any, Callable, ContextManager, Protocol, Sequence
 import torch
 
 from ...sampling.denoiser import Conditioning, Denoiser
-from ...sampling.schedule import vp_to_sigma_space
 
 
 @dataclass
@@ -30,6 +29,8 @@ class TrainContext(Protocol):
     rank: int
     world: int
     sigmas: torch.Tensor  # the sampling schedule (sigma space)
+    schedule: Any  # the host's NoiseSchedule, or its FlowSchedule with the training step (sde/cps)
+    eta: float  # DDIM's eta, or the flow step's noise level
     denoiser_cfg: Denoiser  # CFG at cfg.guidance_scale
     denoiser_plain: Denoiser  # no CFG (guidance 1): DPO / NCP
     train_gen: torch.Generator  # noise and timesteps of the DPO family, DDPO's timestep order
@@ -56,10 +57,11 @@ def encode_rows(ctx: TrainContext, prompts: Sequence[str]) -> Conditioning:
 
 
 def initial_noise(ctx: TrainContext, batch: int, sigma0: float, generator: torch.Generator) -> torch.Tensor:
-    """x_T in sigma space for DDIM: standard normal (drawn on the CPU) times sqrt(1 + sigma0^2)."""
+    """The first sample: standard normal (drawn on the CPU) times sqrt(1 + sigma0^2) in DDIM's sigma
+    space, times sigma0 (= 1) for a flow model."""
     shape = ctx.host.latent_shape(batch, ctx.cfg.height, ctx.cfg.width)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-    return vp_to_sigma_space(noise, sigma0).to(ctx.device)
+    return ctx.schedule.start_sample(noise, sigma0).to(ctx.device)
 
 
 def stack_or_none(tensors: list[torch.Tensor]) -> torch.Tensor | None:

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from ...sampling.samplers import StepInfo, sample_ancestral
-from ...sampling.schedule import sigma_space_to_vp
-from ...sampling.step import ancestral_mean, ancestral_sigmas, transition_log_prob
+from ...sampling.step import step_rows, transition_log_prob
 from ..data import IndexSampler
 from .base import Batch, TrainContext, encode_rows, initial_noise
 
@@ -114,10 +113,10 @@ class DDPOSource:
         items, self.buffer = self.buffer[:n], self.buffer[n:]
         return Batch(items)
 
-    def collect(self) -> int:
-        ctx, cfg = self.ctx, self.ctx.cfg
-        base = [self.prompts[i] for i in self.sampler.take(cfg.sample_batch_size)]
-        prompts = [p for p in base for _ in range(cfg.ddpo_samples_per_prompt)]
+    def rollout(self, prompts: list[str]):
+        """Sample one image per prompt with the current policy, recording every stochastic transition,
+        and score the images; returns (SampleResult, rewards [N] on the CPU)."""
+        ctx = self.ctx
         cond = encode_rows(ctx, prompts)
         sigmas = ctx.sigmas
         x = initial_noise(ctx, len(prompts), float(sigmas[0]), self.sample_gen)
@@ -127,16 +126,31 @@ class DDPOSource:
             ctx.sampling_progress(info.i + 1, total, "sampling trajectories")
 
         with torch.no_grad(), ctx.network.scaled(1.0), ctx.autocast():
-            res = sample_ancestral(ctx.denoiser_cfg, cond, x, sigmas, eta=cfg.eta, generator=self.sample_gen,
-                                   schedule=ctx.host.schedule, record=True, callback=on_step, cancel=ctx.cancel)
-            images = ctx.host.decode(sigma_space_to_vp(res.x, float(sigmas[-1])) if float(sigmas[-1]) > 0 else res.x)
+            res = sample_ancestral(ctx.denoiser_cfg, cond, x, sigmas, eta=ctx.eta, generator=self.sample_gen,
+                                   schedule=ctx.schedule, record=True, callback=on_step, cancel=ctx.cancel)
+            images = ctx.host.decode(ctx.schedule.model_latent(res.x, float(sigmas[-1])))
             rewards = self.scorer.score(images, prompts if getattr(self.scorer, "needs_prompt", True) else None,
                                         torch.zeros(len(prompts))).float().cpu()
+        return res, rewards
+
+    def advantages(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        """DDPO: per-prompt statistics over a buffer of recent rewards (batch statistics until min_count)."""
+        return self.tracker.update(prompts, rewards)
+
+    def collect(self) -> int:
+        cfg = self.ctx.cfg
+        base = [self.prompts[i] for i in self.sampler.take(cfg.sample_batch_size)]
+        return self._collect_prompts([p for p in base for _ in range(cfg.ddpo_samples_per_prompt)])
+
+    def _collect_prompts(self, prompts: list[str]) -> int:
+        """A round on these prompts: rollouts, advantages over every process's rewards, the buffer."""
+        ctx = self.ctx
+        res, rewards = self.rollout(prompts)
         # advantages from every process's rewards, as ddpo-pytorch gathers them
         gathered = ctx.gather_objects((prompts, rewards.tolist()))
         all_prompts = [p for ps, _ in gathered for p in ps]
         all_rewards = np.array([r for _, rs in gathered for r in rs], dtype=np.float64)
-        adv_all = self.tracker.update(all_prompts, all_rewards)
+        adv_all = self.advantages(all_prompts, all_rewards)
         offset = sum(len(ps) for ps, _ in gathered[:ctx.rank])
         adv = adv_all[offset:offset + len(prompts)]
         tr = res.transitions
@@ -147,12 +161,17 @@ class DDPOSource:
         sig_n = torch.tensor([t.sigma_next for t in tr], dtype=torch.float32)
         items = [Trajectory(xs[b], xn[b], sig, sig_n, lp[b], float(adv[b]), float(rewards[b]), prompts[b])
                  for b in range(len(prompts))]
-        perm = torch.randperm(len(items), generator=self.shuffle_gen).tolist()
-        self.buffer.extend(items[i] for i in perm)
+        kept = self.keep(items)
+        perm = torch.randperm(len(kept), generator=self.shuffle_gen).tolist()
+        self.buffer.extend(kept[i] for i in perm)
         self.rounds += 1
         self.round_stats = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std())}
-        ctx.log_event("round", samples=len(items), **self.round_stats)
-        return len(items)
+        ctx.log_event("round", samples=len(items), kept=len(kept), **self.round_stats)
+        return len(kept)
+
+    def keep(self, items: list[Trajectory]) -> list[Trajectory]:
+        """The trajectories a round trains on (DDPO: all of them)."""
+        return items
 
     def snapshot(self):
         return (self.sampler.state_dict(), self.sample_gen.get_state(), self.shuffle_gen.get_state(), list(self.buffer),
@@ -188,6 +207,27 @@ class DDPOSource:
                                   m["reward"], m["prompt"]) for i, m in enumerate(meta["buffer"])]
 
 
+def trajectory_log_probs(ctx: TrainContext, trajs: list[Trajectory], steps: list[int], cond,
+                         reference: bool = False) -> dict[str, torch.Tensor]:
+    """Re-evaluate transition `steps[b]` of every trajectory b under the current policy (with grad):
+    its log-probability, the step's mean and std; with `reference`, also the LoRA-off mean (no grad)."""
+    x = torch.stack([t.x[i] for t, i in zip(trajs, steps)]).to(ctx.device)
+    x_next = torch.stack([t.x_next[i] for t, i in zip(trajs, steps)]).to(ctx.device)
+    sigma = torch.stack([t.sigma[i] for t, i in zip(trajs, steps)])
+    sigma_next = torch.stack([t.sigma_next[i] for t, i in zip(trajs, steps)])
+    sig_d = sigma.to(ctx.device)
+    out = {}
+    if reference:
+        with torch.no_grad(), ctx.network.disabled(), ctx.autocast():
+            x0_ref = ctx.denoiser_cfg(x, sig_d, cond)
+        out["mean_ref"], _ = step_rows(ctx.schedule, x, x0_ref.float(), sigma, sigma_next, ctx.eta)
+    with ctx.autocast():
+        x0 = ctx.denoiser_cfg(x, sig_d, cond)
+    mean, std = step_rows(ctx.schedule, x, x0.float(), sigma, sigma_next, ctx.eta)
+    out.update(logp=transition_log_prob(x_next, mean, std), mean=mean, std=std, sigma=sigma, sigma_next=sigma_next)
+    return out
+
+
 class DDPOObjective:
     name = "ddpo"
 
@@ -202,18 +242,9 @@ class DDPOObjective:
         adv = torch.tensor([t.advantage for t in trajs], dtype=torch.float32, device=ctx.device)
         totals: dict[str, float] = {}
         for j in range(n_train):
-            idx = perms[:, j]
-            x = torch.stack([t.x[i] for t, i in zip(trajs, idx.tolist())]).to(ctx.device)
-            x_next = torch.stack([t.x_next[i] for t, i in zip(trajs, idx.tolist())]).to(ctx.device)
-            sigma = torch.stack([t.sigma[i] for t, i in zip(trajs, idx.tolist())])
-            sigma_next = torch.stack([t.sigma_next[i] for t, i in zip(trajs, idx.tolist())])
-            logp_old = torch.stack([t.logp_old[i] for t, i in zip(trajs, idx.tolist())]).to(ctx.device)
-            down, up = ancestral_sigmas(sigma.double(), sigma_next.double(), cfg.eta)
-            sig_d = sigma.to(ctx.device)
-            with ctx.autocast():
-                x0 = ctx.denoiser_cfg(x, sig_d, cond)
-            mean = ancestral_mean(x, x0.float(), sig_d, down.float().to(ctx.device))
-            logp = transition_log_prob(x_next, mean, up.float().to(ctx.device))
+            idx = perms[:, j].tolist()
+            logp_old = torch.stack([t.logp_old[i] for t, i in zip(trajs, idx)]).to(ctx.device)
+            logp = trajectory_log_probs(ctx, trajs, idx, cond)["logp"]
             loss, stats = ddpo_loss(logp, logp_old, adv, cfg.ddpo_clip_range, cfg.ddpo_adv_clip)
             ctx.backward(loss / n_train)
             stats["loss"] = float(loss.detach())

@@ -14,18 +14,19 @@ import torch
 
 from ...errors import ConfigError
 from ...sampling.resampler import is_latent_scorer
-from ...sampling.step import ancestral_sigmas
+from ...sampling.step import step_std
 from .spo import SPOObjective, SPOSource
 
 
 def noise_std_by_timestep(sigmas: torch.Tensor, schedule, eta: float) -> dict[float, float]:
-    """The VP-scale std of each stochastic step's noise, by the step's parent timestep:
-    sigma_up / sqrt(1 + sigma_next^2) (= DDIM's sqrt((1-a_prev)/(1-a_t) * (1 - a_t/a_prev)) at eta 1)."""
+    """The model-space std of each stochastic step's noise, by the step's parent timestep: for DDIM
+    sigma_up / sqrt(1 + sigma_next^2) (= DDIM's sqrt((1-a_prev)/(1-a_t) * (1 - a_t/a_prev)) at eta 1);
+    for a flow model its own step's std."""
     out = {}
     for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        _, up = ancestral_sigmas(s, s_next, eta)
-        if float(up) > 0:
-            out[round(float(schedule.timestep(s)), 2)] = float(up) / (1.0 + s_next * s_next) ** 0.5
+        std = step_std(schedule, s, s_next, eta)
+        if std > 0:
+            out[round(float(schedule.timestep(s)), 2)] = std
     return out
 
 

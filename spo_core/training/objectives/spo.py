@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ...errors import SPOError
 from ...sampling.resampler import ResamplerConfig, TransitionPair, resample
 from ...sampling.samplers import StepInfo
-from ...sampling.step import ancestral_mean, ancestral_sigmas, transition_log_prob
+from ...sampling.step import step_rows, transition_log_prob
 from ..data import IndexSampler
 from .base import Batch, TrainContext, encode_rows, initial_noise, stack_or_none
 
@@ -79,32 +79,35 @@ class PairItem:
 
 
 def pair_log_probs(denoiser, network, pairs: Sequence[PairItem], cond, device: torch.device,
-                   autocast=None, reference: bool = True) -> dict[str, torch.Tensor]:
+                   autocast=None, reference: bool = True, schedule=None) -> dict[str, torch.Tensor]:
     """Log-probabilities of every pair's winner and loser under the policy (with grad) and the
     reference (no grad, LoRA multiplier 0). `cond` has one row per pair.
 
     Parents are evaluated once: one row per shared-parent pair, two rows for a multi-step pair.
+    `schedule` gives the step (a flow model's SDE/CPS step; DDIM(eta) when None or discrete).
     """
     import contextlib
 
     autocast = autocast or contextlib.nullcontext
     rows, cond_rows, win_idx, lose_idx = [], [], [], []
-    sig, sig_next, etas = [], [], []
+    sig, sig_next = [], []
+    eta = pairs[0].eta
+    if any(p.eta != eta for p in pairs):
+        raise SPOError("the pairs of one batch were sampled with different eta / noise levels")
     for i, p in enumerate(pairs):
         win_idx.append(len(rows))
         rows.append(p.x_t)
         cond_rows.append(i)
-        sig.append(p.sigma), sig_next.append(p.sigma_next), etas.append(p.eta)
+        sig.append(p.sigma), sig_next.append(p.sigma_next)
         if p.x_t_lose is not None:
             rows.append(p.x_t_lose)
             cond_rows.append(i)
-            sig.append(p.sigma), sig_next.append(p.sigma_next), etas.append(p.eta)
+            sig.append(p.sigma), sig_next.append(p.sigma_next)
         lose_idx.append(len(rows) - 1)
     x = torch.stack(rows).to(device)
     sigma = torch.tensor(sig, dtype=torch.float32, device=device)
     cond_b = cond.take(torch.tensor(cond_rows)) if len(cond_rows) != cond.batch_size or cond_rows != list(range(cond.batch_size)) else cond
-    down, up = _per_row_sigmas(sig, sig_next, etas)
-    down, up = down.to(device), up.to(device)
+    sig_next_t = torch.tensor(sig_next, dtype=torch.float32)
     wi, li = torch.tensor(win_idx, device=device), torch.tensor(lose_idx, device=device)
     x_win = torch.stack([p.x_win for p in pairs]).to(device)
     x_lose = torch.stack([p.x_lose for p in pairs]).to(device)
@@ -112,23 +115,15 @@ def pair_log_probs(denoiser, network, pairs: Sequence[PairItem], cond, device: t
     if reference:
         with torch.no_grad(), network.disabled(), autocast():
             x0_ref = denoiser(x, sigma, cond_b)
-        mean_ref = ancestral_mean(x, x0_ref.float(), sigma, down)
+        mean_ref, up = step_rows(schedule, x, x0_ref.float(), sigma, sig_next_t, eta)
         out["ref_logp_w"] = transition_log_prob(x_win, mean_ref[wi], up[wi])
         out["ref_logp_l"] = transition_log_prob(x_lose, mean_ref[li], up[li])
     with autocast():
         x0 = denoiser(x, sigma, cond_b)
-    mean = ancestral_mean(x, x0.float(), sigma, down)
+    mean, up = step_rows(schedule, x, x0.float(), sigma, sig_next_t, eta)
     out["logp_w"] = transition_log_prob(x_win, mean[wi], up[wi])
     out["logp_l"] = transition_log_prob(x_lose, mean[li], up[li])
     return out
-
-
-def _per_row_sigmas(sig, sig_next, etas) -> tuple[torch.Tensor, torch.Tensor]:
-    downs, ups = [], []
-    for s, n, e in zip(sig, sig_next, etas):
-        d, u = ancestral_sigmas(s, n, e)
-        downs.append(float(d)), ups.append(float(u))
-    return torch.tensor(downs, dtype=torch.float32), torch.tensor(ups, dtype=torch.float32)
 
 
 class SPOSource:
@@ -149,13 +144,13 @@ class SPOSource:
         auto = cfg.auto_threshold if cfg.auto_threshold is not None else not getattr(scorer, "spo_scale", True)
         self.threshold: float | None = None if auto else float(cfg.threshold)  # None: calibrated by the first round
         self.resampler_config = ResamplerConfig(
-            k=cfg.k, policy="pairs", eta=cfg.eta, window=(cfg.min_train_t, cfg.max_train_t), inner_steps=cfg.inner_steps,
+            k=cfg.k, policy="pairs", eta=ctx.eta, window=(cfg.min_train_t, cfg.max_train_t), inner_steps=cfg.inner_steps,
             threshold=0.0 if auto else cfg.threshold, score_scale=float(getattr(scorer, "pair_scale", 1.0)),
             final_decode=True)
         if cfg.threshold_max is not None and not auto:
             from .lpo import dynamic_threshold, noise_std_by_timestep
 
-            stds = noise_std_by_timestep(ctx.sigmas, ctx.host.schedule, cfg.eta)
+            stds = noise_std_by_timestep(ctx.sigmas, ctx.schedule, ctx.eta)
             self.resampler_config.threshold_fn = dynamic_threshold(stds, cfg.threshold, cfg.threshold_max)
 
     # -- data -----------------------------------------------------------------------------------
@@ -225,7 +220,7 @@ class SPOSource:
             ctx.sampling_progress(info.i + 1, total, "sampling candidate pools")
 
         with torch.no_grad(), ctx.network.scaled(1.0), ctx.autocast():
-            res = resample(ctx.denoiser_cfg, cond, x, sigmas, ctx.host.schedule, self.scorer, ctx.host.decode, prompts,
+            res = resample(ctx.denoiser_cfg, cond, x, sigmas, ctx.schedule, self.scorer, ctx.host.decode, prompts,
                            self.resampler_config, generator=self.sample_gen, callback=on_step, cancel=ctx.cancel)
         local = [PairItem.from_transition(p, prompts[p.row]) for p in res.pairs]
         gaps = _pool_gaps(res.trace, self.resampler_config.score_scale)
@@ -318,7 +313,7 @@ class SPOObjective:
     def step(self, ctx: TrainContext, batch: Batch) -> dict[str, float]:
         pairs: list[PairItem] = batch.items
         cond = encode_rows(ctx, [p.prompt for p in pairs])
-        lp = pair_log_probs(ctx.denoiser_cfg, ctx.network, pairs, cond, ctx.device, ctx.autocast)
+        lp = pair_log_probs(ctx.denoiser_cfg, ctx.network, pairs, cond, ctx.device, ctx.autocast, schedule=ctx.schedule)
         loss, stats = spo_loss(lp["logp_w"], lp["logp_l"], lp["ref_logp_w"], lp["ref_logp_l"], ctx.cfg.beta, ctx.cfg.clip_eps)
         ctx.backward(loss)
         stats["loss"] = float(loss.detach())
