@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spo_core.plots import save_png  # noqa: E402
 from spo_core.scorers.spm import SPMScorer  # noqa: E402
-from spo_core.world.demo import (WORLD_TRAIN_SETTINGS, DemoConfig, UNetCounter, _fresh_backend,  # noqa: E402
+from spo_core.world.demo import (WORLD_FLOW_TRAIN_SETTINGS, WORLD_TRAIN_SETTINGS, DemoConfig, UNetCounter, _fresh_backend,  # noqa: E402
                                  _merged_backend, heldout_eval_set, paired_comparison, sample_arm, train_lora,
                                  world_scorer)
 from spo_core.world.gt_scorer import WorldGroundTruthScorer  # noqa: E402
@@ -178,11 +178,14 @@ def main() -> None:
     p.add_argument("--skip-sampling", action="store_true", help="skip part 2 (the k = 4/5 resampler arms)")
     p.add_argument("--replot-steering", type=Path, metavar="JSON", help="only redraw alignment_steering.png from a result")
     p.add_argument("--world", choices=["unet", "flow"], default="unet",
-                   help="flow: the world's rectified-flow model (sampling arms only: training on flow models is not in "
-                   "the pack yet); results go to *_flow.json/png")
+                   help="flow: the world's rectified-flow model (training: spo, grpo, ddpo; the steering arms; no k = 4/5 "
+                   "sampling arms); results go to *_flow.json/png")
     args = p.parse_args()
-    if args.world == "flow":
-        args.methods, args.skip_sampling = "", True
+    flow = args.world == "flow"
+    if flow:
+        args.skip_sampling = True
+        if args.methods == p.get_default("methods"):
+            args.methods = "spo,grpo"
     if args.replot_steering:
         record = json.loads(args.replot_steering.read_text())
         steering = record["steering"]
@@ -221,8 +224,8 @@ def main() -> None:
         oracle = method == "spo_oracle"
         for i, steps in enumerate(method_stages.get(method, stages)):
             overrides = {**({"threshold": 0.01} if oracle else {}), **method_settings.get(method, {})}
-            cfg = DemoConfig(out=args.work / method, method="spo" if oracle else method, train_steps=steps,
-                             eval_prompts=args.eval_prompts, overrides=overrides)
+            cfg = DemoConfig(out=args.work / (method + suffix(args)), method="spo" if oracle else method,
+                             train_steps=steps, eval_prompts=args.eval_prompts, overrides=overrides, world=args.world)
             t = time.perf_counter()
             learner = WorldGroundTruthScorer() if oracle else world_scorer(method, scorer)
             lrm_rows = UNetCounter(learner.model.unet) if method == "lpo" else None
@@ -233,14 +236,14 @@ def main() -> None:
             if lrm_rows is not None:
                 lrm_spent[0] += lrm_rows.rows
                 lrm_rows.close()
-            arm = sample_arm(method, _merged_backend(result.lora_path), pairs)
+            arm = sample_arm(method, _merged_backend(result.lora_path, flow), pairs)
             row = {"steps": result.steps, "unet_evaluations": spent[0], "train_seconds": round(seconds[0], 1),
                    "scorer_rows": scorer_rows[0],  # candidates scored: SPO's each after a VAE decode, LPO's none
                    **arm.stats.as_dict(), "vs_base": paired_comparison(arm.gt, plain.gt)}
             if method == "lpo":  # the LRM's encoder passes (CFG: 2 rows per candidate), beside the UNet's
                 row["lrm_encoder_evaluations"] = lrm_spent[0]
             training[method].append(row)
-            print(f"{method} @ {steps} steps, {spent[0]:,} UNet evaluations: GT {arm.stats.mean:.3f} | vs base "
+            print(f"{method} @ {steps} steps, {spent[0]:,} {'transformer' if flow else 'UNet'} evaluations: GT {arm.stats.mean:.3f} | vs base "
                   f"{row['vs_base']['mean_delta']:+.3f} (95% CI {row['vs_base']['ci95'][0]:+.3f} .. {row['vs_base']['ci95'][1]:+.3f}), "
                   f"higher on {row['vs_base']['beats']:.0%}, better by > 0.01 on {row['vs_base']['win']:.0%} | "
                   f"{row['train_seconds']:.0f}s of training so far",
@@ -271,16 +274,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if training:
         series = {m: [(0.0, plain.stats.mean)] + [(r["unet_evaluations"], r["mean"]) for r in rows] for m, rows in training.items()}
-        save_png(xy_chart(series, f"held-out GT preference vs training compute ({len(pairs)} images)",
-                          "UNet image-evaluations spent in training", "GT"), args.out / "alignment_bench.png")
+        save_png(xy_chart(series, f"held-out GT preference vs training compute ({len(pairs)} images"
+                          + (", the flow world)" if flow else ")"),
+                          f"{'transformer' if flow else 'UNet'} image-evaluations spent in training", "GT"),
+                 args.out / f"alignment_bench{suffix(args)}.png")
     record = {"world": args.world, "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                           "torch": torch.__version__, "cuda": torch.cuda.is_available()},
               "eval_images": len(pairs), "stages": {m: method_stages.get(m, stages) for m in training},
-              "train_settings": {m: {**WORLD_TRAIN_SETTINGS[m.replace("_oracle", "")], **({"threshold": 0.01} if m == "spo_oracle" else {}),
+              "train_settings": {m: {**(WORLD_FLOW_TRAIN_SETTINGS if flow else WORLD_TRAIN_SETTINGS)[m.replace("_oracle", "")], **({"threshold": 0.01} if m == "spo_oracle" else {}),
                                  **method_settings.get(m, {})} for m in training}, "base": plain.stats.as_dict(), "training": training,
               "sampling": sampling, "steering": steering, "seconds": time.perf_counter() - t0}
     (args.out / f"alignment_bench{suffix(args)}.json").write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.out / f'alignment_bench{suffix(args)}.json'}" + (f" and {args.out / 'alignment_bench.png'}" if training else ""))
+    print(f"wrote {args.out / f'alignment_bench{suffix(args)}.json'}"
+          + (f" and {args.out / f'alignment_bench{suffix(args)}.png'}" if training else ""))
 
 
 if __name__ == "__main__":

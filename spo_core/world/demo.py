@@ -52,6 +52,7 @@ class DemoConfig:
     threads: int | None = None
     grid_rows: int = 12
     overrides: dict = field(default_factory=dict)  # extra TrainConfig settings
+    world: str = "unet"  # "flow": train the world's rectified-flow model (spo, ddpo, grpo)
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
@@ -73,7 +74,13 @@ class DemoConfig:
 WORLD_TRAIN_SETTINGS = {
     method: {k: v for k, v in PRESETS[auto_preset(method, None, world=True)].items()
              if k not in ("method", "scorer", "scorer_weights", "validation_prompts")}
-    for method in ("spo", "lpo", "diffusion_dpo", "ncp_dpo", "ddpo")
+    for method in ("spo", "lpo", "diffusion_dpo", "ncp_dpo", "ddpo", "grpo")
+}
+# the same for the world's rectified-flow model (`<method>-world-flow`)
+WORLD_FLOW_TRAIN_SETTINGS = {
+    method: {k: v for k, v in PRESETS[auto_preset(method, None, world=True, flow=True)].items()
+             if k not in ("method", "scorer", "scorer_weights", "validation_prompts")}
+    for method in ("spo", "ddpo", "grpo")
 }
 
 
@@ -133,21 +140,29 @@ def sample_arm(name: str, backend, pairs: Sequence[tuple[str, int]], scorer=None
     return Arm(name, x, ground_truth(x, caps), gt_stats(x, caps), time.perf_counter() - t0, evals)
 
 
-def _fresh_backend():
+def _fresh_backend(flow: bool = False):
+    """The world's base model (a DiffusersBackend), or its rectified-flow model (a FlowBackend)."""
+    if flow:
+        from . import load_flow_world_backend
+
+        return load_flow_world_backend()
     from ..backends.diffusers_backend import DiffusersBackend
     from . import load_world_pipeline
 
     return DiffusersBackend.from_pipeline(load_world_pipeline())
 
 
-def _merged_backend(lora_path: Path):
+def _merged_backend(lora_path: Path, flow: bool = False):
     """A fresh base model with the LoRA file merged into its weights, as a WebUI/ComfyUI user loads it."""
     from ..lora import merge_into_modules, read_lora
 
-    backend = _fresh_backend()
+    backend = _fresh_backend(flow)
     lora = read_lora(lora_path, arch=backend.module_table())
     lora.require_clean(what=str(lora_path))
-    merge_into_modules({"unet": backend.pipe.unet, "te1": backend.pipe.text_encoder}, lora, 1.0)
+    if flow:
+        merge_into_modules({"transformer": backend.transformer}, lora, 1.0)
+    else:
+        merge_into_modules({"unet": backend.pipe.unet, "te1": backend.pipe.text_encoder}, lora, 1.0)
     return backend
 
 
@@ -197,14 +212,19 @@ def train_lora(cfg: DemoConfig, scorer, progress: ProgressFn | None = None, canc
     """Train the LoRA on the base model through the shared trainer; returns its TrainResult.
 
     SPO learns from `scorer` (the shipped SPM), LPO from the shipped latent reward model (`world_scorer`
-    gives each method its own); DDPO's reward and the DPO methods' pair labels
-    are the exact ground truth (`WorldGroundTruthScorer`). UNet evaluations spent (including the
-    DPO methods' offline pair sampling) are added to `counter[0]` when given."""
-    from ..training import DiffusersTrainingHost, train
+    gives each method its own), GRPO from `scorer` on its final images; DDPO's reward and the DPO methods'
+    pair labels are the exact ground truth (`WorldGroundTruthScorer`). UNet (flow: transformer)
+    evaluations spent (including the DPO methods' offline pair sampling) are added to `counter[0]` when
+    given. `cfg.world == "flow"` trains the world's rectified-flow model."""
+    from ..training import DiffusersTrainingHost, FlowTrainingHost, train
     from ..training.config import TrainConfig
     from .gt_scorer import WorldGroundTruthScorer
 
-    settings = {**WORLD_TRAIN_SETTINGS[cfg.method], **cfg.overrides}
+    flow = cfg.world == "flow"
+    table = WORLD_FLOW_TRAIN_SETTINGS if flow else WORLD_TRAIN_SETTINGS
+    if cfg.method not in table:
+        raise ConfigError(f"no world settings for {cfg.method} on the {'flow' if flow else 'UNet'} model ({', '.join(table)})")
+    settings = {**table[cfg.method], **cfg.overrides}
     prompts = train_prompts()
     rng = np.random.default_rng(cfg.seed)
     chosen = [prompts[i] for i in rng.permutation(len(prompts))[:cfg.train_prompts]]
@@ -212,8 +232,8 @@ def train_lora(cfg: DemoConfig, scorer, progress: ProgressFn | None = None, canc
                         "max_steps": cfg.train_steps, "seed": cfg.seed, "overwrite": not resume,
                         "resume": "auto" if resume else None, "checkpoint_every": 0, "validate_every": -1,
                         "lora_format": "webui", "log_every": 1, "keep_checkpoints": 1, **settings})
-    backend = _fresh_backend()
-    count = UNetCounter(backend.pipe.unet)
+    backend = _fresh_backend(flow)
+    count = UNetCounter(backend.transformer if flow else backend.pipe.unet)
     try:
         pairs = None
         if cfg.method in ("diffusion_dpo", "ncp_dpo"):
@@ -227,7 +247,8 @@ def train_lora(cfg: DemoConfig, scorer, progress: ProgressFn | None = None, canc
                 pairs = preference_pairs_for_dpo(backend.pipe, chosen, cfg.seed, progress)
                 _DPO_PAIRS[key] = (pairs, count.rows - before)
         reward = WorldGroundTruthScorer() if cfg.method == "ddpo" else scorer
-        host = DiffusersTrainingHost(backend, model_name="spo-world-base")
+        host = FlowTrainingHost(backend, model_name="spo-world-flow") if flow else \
+            DiffusersTrainingHost(backend, model_name="spo-world-base")
         return train(tc, host, reward if cfg.method in SAMPLING_METHODS else None, prompts=chosen, pairs=pairs,
                      progress=progress, cancel=cancel)
     finally:
