@@ -1,5 +1,9 @@
 """The trainer's TrainingHost over the MODEL, CLIP and VAE a ComfyUI user has loaded.
 
+Rectified-flow MODELs (SD3/SD3.5 MMDiT, Flux; CONST sampling) train too: `apply_model` returns
+x0 = x - sigma * v there as well, the pooled text embedding goes in as `y`, Flux's distilled
+guidance as `guidance`, and the LoRA hooks sit on ComfyUI's fused q/k/v Linears (each part's rows).
+
 No second copy of the checkpoint: the LoRA hooks attach to the MODEL's own UNet
 (`BaseModel.diffusion_model`, LDM module names), which ComfyUI loads with every LoRA patch of
 that MODEL merged. `BaseModel.apply_model(x, sigma, c_crossattn=, y=)` takes the sigma-space
@@ -29,12 +33,60 @@ from spo_core.lora.tables import ModuleInfo
 from spo_core.sampling import TensorConditioning
 from spo_core.training import LoRARoot
 
-from .comfy_sampling import is_flow_model, noise_schedule
+from .comfy_sampling import noise_schedule
 from .host import model_arch
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_SIZE = {"sd15": 512, "sd2": 768, "sdxl": 1024}
+_DEFAULT_SIZE = {"sd15": 512, "sd2": 768, "sdxl": 1024, "sd35-medium": 1024, "sd35-large": 1024, "flux-dev": 1024,
+                 "flux-schnell": 1024}
+
+
+def _diffusers_flow_config(base_model) -> tuple[str, str, dict]:
+    """(family, diffusers class, config) of the diffusers transformer with the modules of ComfyUI's MMDiT
+    (SD3/SD3.5: hidden 64 * depth, one head per 64) or Flux model, from the config ComfyUI detected."""
+    u = dict(base_model.model_config.unet_config)
+    if unet_image_model(base_model) == "flux":
+        hidden, heads, patch = int(u["hidden_size"]), int(u["num_heads"]), int(u.get("patch_size", 2))
+        return "flux", "FluxTransformer2DModel", dict(
+            patch_size=1, in_channels=int(u["in_channels"]) * patch * patch, num_layers=int(u["depth"]),
+            num_single_layers=int(u["depth_single_blocks"]), attention_head_dim=hidden // heads, num_attention_heads=heads,
+            joint_attention_dim=int(u["context_in_dim"]), pooled_projection_dim=int(u["vec_in_dim"]),
+            guidance_embeds=bool(u.get("guidance_embed", False)), axes_dims_rope=tuple(u.get("axes_dim", (16, 56, 56))))
+    if "depth" in u and "joint_blocks" in dict(base_model.diffusion_model.named_children()):
+        depth = int(u["depth"])
+        context = dict(u.get("context_embedder_config") or {}).get("params", {})
+        return "sd3", "SD3Transformer2DModel", dict(
+            sample_size=128, patch_size=int(u.get("patch_size", 2)), in_channels=int(u["in_channels"]),
+            num_layers=int(u.get("num_blocks") or depth), attention_head_dim=64, num_attention_heads=depth,
+            joint_attention_dim=int(context.get("in_features", 4096)), caption_projection_dim=64 * depth,
+            pooled_projection_dim=int(u.get("adm_in_channels") or 2048),
+            out_channels=int(u.get("out_channels") or u["in_channels"]), pos_embed_max_size=int(u.get("pos_embed_max_size") or 96),
+            dual_attention_layers=tuple(u.get("x_block_self_attn_layers") or ()),
+            qk_norm="rms_norm" if u.get("qk_norm") == "rms" else None)
+    raise ModelMismatchError(f"this rectified-flow MODEL ({type(base_model.model_config).__name__}) is neither an SD3/SD3.5 "
+                             "MMDiT nor a Flux model: the trainer knows those (and SD1.5/SD2/SDXL UNets)")
+
+
+def comfy_flow_table(base_model) -> ModuleTable:
+    """The LoRA engine's table of ComfyUI's SD3/Flux model: the shipped sd35-medium/large or flux-dev/schnell
+    table when the module shapes are that model's, else one built on `meta` from the equivalent diffusers config."""
+    import diffusers
+
+    from spo_core.lora.tables import FLOW_ARCHS, FAMILY, table_from_transformer
+
+    family, cls_name, config = _diffusers_flow_config(base_model)
+    with torch.device("meta"):
+        model = getattr(diffusers, cls_name).from_config(config)
+    built = table_from_transformer(f"custom-{family}", family, model)
+    shapes = {k: m.shape for k, m in built.modules.items()}
+    for arch in FLOW_ARCHS:
+        if FAMILY[arch] == family and {k: m.shape for k, m in load_table(arch).modules.items()} == shapes:
+            name = type(base_model.model_config).__name__
+            if family == "flux" and (arch == "flux-schnell") != (name == "FluxSchnell"):
+                continue  # the same shapes: dev and schnell differ in their guidance embedding only
+            return load_table(arch)
+    return built
 
 
 def comfy_module_table(base_model, arch: str) -> ModuleTable:
@@ -61,6 +113,31 @@ def comfy_module_table(base_model, arch: str) -> ModuleTable:
     return ModuleTable(arch, family, modules)
 
 
+def unet_image_model(base_model) -> str | None:
+    """ComfyUI's `image_model` of a DiT config ("flux", ...), None for UNets and MMDiT."""
+    return dict(base_model.model_config.unet_config).get("image_model")
+
+
+def training_arch(model) -> str:
+    """The architecture a MODEL trains as: sd15/sd2/sdxl/custom-* for UNets, sd35-medium/large,
+    flux-dev/schnell or custom-sd3/flux for ComfyUI's rectified-flow transformers."""
+    base = getattr(model, "model", model)
+    if hasattr(getattr(base, "diffusion_model", None), "input_blocks"):
+        return model_arch(model)
+    return comfy_flow_table(base).arch
+
+
+def _with_copied_streams(forward: Callable) -> Callable:
+    """A block forward that adds its residuals into copies of its hidden-state inputs (positional tensors and
+    img / txt / x), so a checkpoint's saved inputs stay as they were for the recomputation."""
+    def copied(*args, **kwargs):
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.clone() if k in ("img", "txt", "x") and isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return forward(*args, **kwargs)
+
+    return copied
+
+
 def _repeat_to(t: torch.Tensor, length: int) -> torch.Tensor:
     return t.repeat(1, length // t.shape[1], 1) if t.shape[1] != length else t
 
@@ -77,6 +154,8 @@ class ComfyTrainDenoiser:
         host.ensure_loaded()
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         t = cond.tensors
+        if host.distilled_guidance:  # Flux-dev: the guidance is the model's input, one pass (no CFG rows)
+            return host.x0(x, sigma, t["c_crossattn"], t.get("c_y"), guidance=self.guidance_scale)
         if self.guidance_scale != 1.0:
             cc = torch.cat([t["u_crossattn"], t["c_crossattn"]])
             y = torch.cat([t["u_y"], t["c_y"]]) if "c_y" in t else None
@@ -96,21 +175,22 @@ class ComfyTrainingHost:
         self.base = model.model
         self.clip = clip
         self.vae = vae
-        self.arch = model_arch(model)
+        self.transformer = not hasattr(self.base.diffusion_model, "input_blocks")  # an MMDiT / Flux, not a UNet
+        self._table = comfy_flow_table(self.base) if self.transformer else None
+        self.arch = self._table.arch if self.transformer else model_arch(model)
         self.is_sdxl = self.arch in ("sdxl", "custom-sdxl")
+        self.pooled_as_y = self.is_sdxl or self.transformer  # SD3 and Flux take the pooled text embedding as y
+        unet_config = dict(self.base.model_config.unet_config)
+        self.distilled_guidance = bool(unet_config.get("guidance_embed", False))
         self.device = comfy.model_management.get_torch_device()
         self.dtype = self.base.get_dtype()
-        if is_flow_model(self.base):
-            raise ModelMismatchError(
-                f"training on rectified-flow models ({type(self.base).__name__}, CONST sampling) is not available yet: "
-                "the pack samples, scores and steers them, but its trainers are for SD1.5/SD2/SDXL models"
-            )
-        self.schedule = noise_schedule(self.base)
-        image_size = int(dict(self.base.model_config.unet_config).get("image_size", 64) or 64)
-        self.default_size = _DEFAULT_SIZE.get(self.arch, image_size * 8)
+        self.schedule = noise_schedule(self.base)  # a FlowSchedule on CONST models (SD3, Flux, ModelSamplingSD3 patches)
+        image_size = int(unet_config.get("image_size", 64) or 64)
+        self.default_size = _DEFAULT_SIZE.get(self.arch, 512 if self.transformer else image_size * 8)
         self.latent_channels = int(getattr(self.base.latent_format, "latent_channels", 4))
         self._name = model_name
         self._checkpoint_patched: list[nn.Module] = []
+        self._norm_hooks: list = []
         self.replaced_inference_params = 0
 
     # -- ComfyUI model management ----------------------------------------------------------------
@@ -130,17 +210,35 @@ class ComfyTrainingHost:
                 comfy.utils.set_attr_param(self.base, f"diffusion_model.{name}", p.detach().clone())
                 self.replaced_inference_params += 1
 
-    def x0(self, x: torch.Tensor, sigma: torch.Tensor, crossattn: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def x0(self, x: torch.Tensor, sigma: torch.Tensor, crossattn: torch.Tensor, y: torch.Tensor | None,
+           guidance: float | None = None) -> torch.Tensor:
         kwargs = {"y": y} if y is not None else {}
+        if guidance is not None:
+            kwargs["guidance"] = torch.full((x.shape[0],), float(guidance), device=x.device, dtype=torch.float32)
         return self.base.apply_model(x, sigma, c_crossattn=crossattn, **kwargs).to(x.dtype)
 
     # -- the TrainingHost protocol ---------------------------------------------------------------
     def module_table(self) -> ModuleTable:
-        return comfy_module_table(self.base, self.arch)
+        return self._table if self._table is not None else comfy_module_table(self.base, self.arch)
 
     def lora_root(self) -> LoRARoot:
         self.ensure_loaded()
+        if unet_image_model(self.base) == "flux" and not self._norm_hooks:
+            self._protect_norm_inputs()
         return LoRARoot(self.base, "ldm", "diffusion_model.")
+
+    def _protect_norm_inputs(self) -> None:
+        """ComfyUI's Flux blocks add their residuals in place (`txt += ...`, `x += ...`, inference code) into the
+        tensors their LayerNorms saved for backward; while autograd records, each LayerNorm gets a copy of its
+        input instead, so the in-place add no longer invalidates what backward needs (removed by `release`)."""
+        def clone_input(module, args):
+            if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+                return (args[0].clone(), *args[1:])
+            return None
+
+        for module in self.base.diffusion_model.modules():
+            if isinstance(module, nn.LayerNorm):
+                self._norm_hooks.append(module.register_forward_pre_hook(clone_input))
 
     def denoiser(self, guidance_scale: float) -> ComfyTrainDenoiser:
         return ComfyTrainDenoiser(self, guidance_scale)
@@ -150,9 +248,10 @@ class ComfyTrainingHost:
         cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
         cond = cond.detach().clone().float()
         y = None
-        if self.is_sdxl:
+        if self.pooled_as_y:
             if pooled is None:
-                raise ConfigError("this CLIP gives no pooled output, which an SDXL model needs: connect the checkpoint's CLIP")
+                raise ConfigError(f"this CLIP gives no pooled output, which an {self.arch} model needs: connect the "
+                                  "checkpoint's CLIP")
             y = self.base.encode_adm(pooled_output=pooled.detach().clone().float(), width=width, height=height, crop_w=0,
                                      crop_h=0, target_width=width, target_height=height).detach().clone().float()
         return cond, y
@@ -173,7 +272,7 @@ class ComfyTrainingHost:
             "c_crossattn": torch.cat([_repeat_to(c, length) for c, _ in conds]).to(self.device),
             "u_crossattn": _repeat_to(neg[0], length).repeat(len(prompts), 1, 1).to(self.device),
         }
-        if self.is_sdxl:
+        if self.pooled_as_y:
             tensors["c_y"] = torch.cat([y for _, y in conds]).to(self.device)
             tensors["u_y"] = neg[1].repeat(len(prompts), 1).to(self.device)
         return TensorConditioning(tensors, {"arch": self.arch})
@@ -199,6 +298,8 @@ class ComfyTrainingHost:
         return (batch, self.latent_channels, h // 8, w // 8)
 
     def feature_module(self, where: str) -> nn.Module:
+        if self.transformer:
+            raise ConfigError(f"NCP-DPO reads UNet block features; {self.arch} is a rectified-flow transformer")
         unet = self.base.diffusion_model
         if where == "down":
             return unet.input_blocks[-1]
@@ -207,16 +308,23 @@ class ComfyTrainingHost:
         raise ConfigError(f"NCP features must come from 'down' or 'mid', got {where!r}")
 
     def set_gradient_checkpointing(self, enabled: bool, checkpoint_fn: Callable | None = None) -> None:
-        """Checkpoint every input/middle/output block by wrapping its forward (removed when disabled)."""
+        """Checkpoint every UNet input/middle/output block (or transformer block) by wrapping its forward."""
         for block in self._checkpoint_patched:
             block.__dict__.pop("forward", None)
         self._checkpoint_patched = []
         if not enabled:
             return
         fn = checkpoint_fn or (lambda f, *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False, **k))
-        unet = self.base.diffusion_model
-        for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
+        net = self.base.diffusion_model
+        if self.transformer:  # MMDiT joint blocks, Flux double and single blocks
+            blocks = [b for name in ("joint_blocks", "double_blocks", "single_blocks") for b in getattr(net, name, [])]
+        else:
+            blocks = list(net.input_blocks) + [net.middle_block] + list(net.output_blocks)
+        in_place = unet_image_model(self.base) == "flux"
+        for block in blocks:
             original = block.forward
+            if in_place:  # Flux blocks add into their inputs: copy them inside the recomputed region
+                original = _with_copied_streams(original)
 
             def forward(*args, _original=original, **kwargs):
                 return fn(_original, *args, **kwargs)
@@ -229,3 +337,6 @@ class ComfyTrainingHost:
 
     def release(self) -> None:
         self.set_gradient_checkpointing(False)
+        for handle in self._norm_hooks:
+            handle.remove()
+        self._norm_hooks = []

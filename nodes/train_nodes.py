@@ -1,5 +1,6 @@
-"""Training nodes: Train SPO LoRA (SPO / DDPO on prompts) and Train LoRA on Preference Pairs
-(Diffusion-DPO / NCP-DPO), both on the MODEL the user loaded, through spo_core's trainer."""
+"""Training nodes: Train SPO LoRA (SPO / LPO / DDPO / GRPO on prompts; SD3/SD3.5 and Flux MODELs too) and
+Train LoRA on Preference Pairs (Diffusion-DPO / NCP-DPO), both on the MODEL the user loaded, through
+spo_core's trainer."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from spo_core.training import PRESETS, TrainConfig, apply_preset, train
 from spo_core.training.config import auto_preset
 from spo_core.training.data import LatentPairs, load_prompts
 
-from .comfy_training import ComfyTrainingHost
+from .comfy_training import ComfyTrainingHost, training_arch
 from .host import images_to_bchw, interrupted_error, lora_output_path, model_arch, pil_to_image, text_ui
 from .lora_bridge import apply_lora
 from .scorer_nodes import SCORER_TYPE
@@ -26,7 +27,8 @@ from .spec import In, NodeSpec, Out, Result
 log = logging.getLogger(__name__)
 
 RUNS_FOLDER = "spo_training"
-PROMPT_PRESETS = ["auto", "spo-sd15", "spo-sdxl", "lpo-sd15", "lpo-sdxl", "ddpo"]
+PROMPT_PRESETS = ["auto", "spo-sd15", "spo-sdxl", "lpo-sd15", "lpo-sdxl", "ddpo", "spo-sd3", "spo-flux", "grpo-sd3",
+                  "grpo-flux"]
 PAIR_PRESETS = ["auto", "diffusion-dpo", "ncp-dpo"]
 
 
@@ -156,7 +158,13 @@ def _run(cfg: TrainConfig, model, clip, vae, scorer, node_id, publish_to: Path, 
         host.release()
         comfy.model_management.soft_empty_cache()
     path = _publish(result.lora_path, publish_to)
-    new_model, _, _ = apply_lora(model, None, result.lora, 1.0, 0.0, source=str(path))
+    if host.transformer:  # SD3 / Flux: the written kohya file through ComfyUI's own LoRA loader, as a user loads it
+        import comfy.sd
+        import comfy.utils
+
+        new_model, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(path)), 1.0, 0.0)
+    else:
+        new_model, _, _ = apply_lora(model, None, result.lora, 1.0, 0.0, source=str(path))
     last = {k: round(v, 5) for k, v in result.metrics.items() if isinstance(v, float)}
     text = (f"{cfg.method} LoRA trained for {result.steps} steps on a {host.arch} model: {path}\n"
             f"run folder (checkpoints, log, curves): {result.output_dir}\nlast step: {last}")
@@ -208,18 +216,20 @@ def _common_inputs() -> list[In]:
 
 
 def train_spo_lora(model, clip, vae, scorer, prompts: str = "", method: str = "spo", preset: str = "auto",
-                   sampling_steps: int = 20, guidance_scale: float = 5.0, k: int = 0, batch_size: int = 0,
+                   sampling_steps: int = 0, guidance_scale: float = 0.0, k: int = 0, batch_size: int = 0,
                    pair_threshold: float = -1.0, prompt_file: str = "", node_id: str | None = None, **common) -> Result:
     prompt_list = _prompt_list(prompts, prompt_file)
-    arch = model_arch(model)
+    arch = training_arch(model)
     if preset == "auto":
         preset = auto_preset(method, arch)
     if PRESETS[preset]["method"] != method:
         raise ConfigError(f"preset {preset} is for {PRESETS[preset]['method']}, not {method}; choose auto or a matching preset")
     publish_to = _publish_path(common["output_name"], common["resume"], common["overwrite"])
     overrides = _common_overrides(**common)
-    overrides.update(method=method, steps=int(sampling_steps), guidance_scale=float(guidance_scale),
-                     k=int(k) if k > 0 else None, prompt_list=prompt_list, scorer=getattr(scorer, "name", "custom"),
+    overrides.update(method=method, steps=int(sampling_steps) if sampling_steps > 0 else None,
+                     guidance_scale=float(guidance_scale) if guidance_scale > 0 else None,
+                     k=int(k) if k > 0 and method != "grpo" else None,
+                     group_size=int(k) if k > 0 and method == "grpo" else None, prompt_list=prompt_list, scorer=getattr(scorer, "name", "custom"),
                      validation_prompts=prompt_list[:1])
     if batch_size > 0:
         overrides.update(sample_batch_size=int(batch_size), train_batch_size=int(batch_size))
@@ -231,10 +241,11 @@ def train_spo_lora(model, clip, vae, scorer, prompts: str = "", method: str = "s
 
 TRAIN = NodeSpec(
     "SPOTrainLoRA", "Train SPO LoRA",
-    "Train a LoRA on the connected MODEL with Step-by-step Preference Optimization (or DDPO): sampling rounds with "
-    "the current LoRA draw k candidates per step, the scorer picks winner and loser, and the LoRA learns the "
-    "preference. Saves a kohya/webui LoRA to output/loras (the stock LoRA loader lists it), and returns the MODEL "
-    "with it applied. Cancel saves what was trained; resume continues.",
+    "Train a LoRA on the connected MODEL with Step-by-step Preference Optimization (or LPO, DDPO, Flow-GRPO): "
+    "sampling rounds with the current LoRA draw k candidates per step, the scorer picks winner and loser, and the "
+    "LoRA learns the preference. SD1.5/SD2/SDXL UNets and SD3/SD3.5/Flux transformers (SPO, DDPO and GRPO on "
+    "their SDE steps). Saves a kohya/webui LoRA to output/loras (the stock LoRA loader lists it and patches every "
+    "module), and returns the MODEL with it applied. Cancel saves what was trained; resume continues.",
     inputs=[
         In("model", "MODEL", "The model to train on (its loaded LoRAs included); not copied."),
         In("clip", "CLIP", "Its text encoder(s), for the prompts."),
@@ -242,13 +253,18 @@ TRAIN = NodeSpec(
         In("scorer", SCORER_TYPE, "Ranks the candidates: the step-aware preference model for SPO."),
         In("prompts", "STRING", "Training prompts, one per line (or use prompt_file).", multiline=True, default=""),
         In("method", "COMBO", "spo; lpo (SPO's loop with a latent reward model as the scorer: every step, dynamic "
-           "threshold, beta 500); or ddpo (policy gradient on final-image rewards).", options=["spo", "lpo", "ddpo"],
-           default="spo"),
-        In("preset", "COMBO", "Released hyperparameters; auto = the method's SD1.5 or SDXL config by the model.", options=PROMPT_PRESETS, default="auto"),
+           "threshold, beta 500; SD1.5/SDXL only); ddpo (policy gradient on final-image rewards); or grpo (Flow-GRPO: "
+           "groups of images per prompt, group-relative advantages, KL to the base model).",
+           options=["spo", "lpo", "ddpo", "grpo"], default="spo"),
+        In("preset", "COMBO", "Released hyperparameters; auto = the method's config for the model (SD1.5, SDXL; "
+           "SD3/SD3.5 and Flux: Flow-GRPO's, and SPO on its rollouts).", options=PROMPT_PRESETS, default="auto"),
         *_common_inputs(),
-        In("sampling_steps", "INT", "DDIM steps of each sampling round (SPO: 20).", default=20, min=2, max=200, step=1),
-        In("guidance_scale", "FLOAT", "CFG scale while sampling and training (SPO: 5).", default=5.0, min=1.0, max=30.0, step=0.1),
-        In("k", "INT", "Candidates per step; 0 = the preset's (SD1.5 4, SDXL 2).", default=0, min=0, max=16, step=1),
+        In("sampling_steps", "INT", "Steps of each sampling round (SPO: 20 DDIM; Flow-GRPO: 10 SD3, 6 Flux); 0 = the "
+           "preset's.", default=0, min=0, max=200, step=1),
+        In("guidance_scale", "FLOAT", "CFG scale while sampling and training (SPO: 5; Flux-dev: its distilled guidance, "
+           "3.5); 0 = the preset's.", default=0.0, min=0.0, max=30.0, step=0.1),
+        In("k", "INT", "SPO: candidates per step; GRPO: images per prompt (its group); 0 = the preset's (SD1.5 4, SDXL 2; "
+           "GRPO 24).", default=0, min=0, max=64, step=1),
         In("batch_size", "INT", "Prompts per sampling round and pairs per step; 0 = the preset's.", default=0, min=0, max=64, step=1),
         In("pair_threshold", "FLOAT", "SPO keeps a winner/loser pair when the softmax gap of their scores exceeds this; "
            "-1 = the preset's (SD1.5 0.3, SDXL 0.4).", default=-1.0, min=-1.0, max=0.99, step=0.01),

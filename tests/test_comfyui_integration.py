@@ -468,6 +468,128 @@ def test_train_on_image_pairs_with_diffusion_dpo(comfy):
     assert warnings == [] and len(patched.patches) > 0
 
 
+# -- training on rectified-flow MODELs (ComfyUI's own SD3 MMDiT and Flux) -------------------------------
+
+
+def _encode(clip, text):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_lora_hooks_on_comfyuis_fused_qkv_equal_the_split_diffusers_modules(comfy, kind):
+    """The trainer's LoRA on ComfyUI's fused q/k/v Linears (Flux: q/k/v/mlp) gives the model the same output as
+    the same factors on diffusers' separate to_q/to_k/to_v, through the LoRA file in between."""
+    from comfy_support.harness import tiny_flux_model, tiny_sd3_model, tiny_sd3_transformer
+
+    from spo_core.lora import read_lora
+    from spo_core.lora.write import save_lora
+    from spo_core.training.lora_network import inject_lora
+
+    training = sys.modules[comfy.pack_module + ".nodes.comfy_training"]
+    model = tiny_sd3_model(0) if kind == "sd3" else tiny_flux_model(0)
+    host = training.ComfyTrainingHost(model, None, None)
+    table = host.module_table()
+    assert table.arch == f"custom-{kind}" and host.schedule.is_flow and host.distilled_guidance == (kind == "flux")
+    g = torch.Generator().manual_seed(1)
+    x, ctx, pooled = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
+    with torch.inference_mode(False), torch.no_grad():
+        net = inject_lora(host.lora_root(), table, "attn", 2, 2.0, "gaussian", 0)
+        fused_hosts = {id(m) for m in net._hosts.values()}
+        assert len(fused_hosts) < len(net.branches) and not net.missing  # q, k and v share one ComfyUI Linear
+        for branch in net.branches.values():
+            branch.up.copy_(torch.randn(branch.up.shape, generator=g) * 0.2)
+        guidance = 3.5 if kind == "flux" else None
+        with_lora = host.x0(x, torch.tensor([0.7]), ctx, pooled, guidance=guidance)
+        with net.disabled():
+            without = host.x0(x, torch.tensor([0.7]), ctx, pooled, guidance=guidance)
+        lora = net.to_lora()
+        net.detach()
+    assert float((with_lora - without).abs().max()) > 1e-3
+    if kind == "flux":
+        return  # ComfyUI's tiny Flux has no diffusers twin here; the fused rows are checked through SD3's below
+    path = comfy.base / "fused_check.safetensors"
+    save_lora(lora, path, fmt="webui", overwrite=True)
+    transformer = tiny_sd3_transformer(0)
+    from spo_core.backends.flow_backend import FlowBackend
+    from spo_core.testing import tiny_vae
+
+    backend = FlowBackend(transformer, tiny_vae(1), lambda p: (ctx, pooled), shift=3.0)
+    split = inject_lora(transformer, backend.module_table(), "attn", 2, 2.0, "gaussian", 0)
+    split.load_lora(read_lora(path, arch=backend.module_table()))
+    with torch.no_grad():
+        v = transformer(hidden_states=x, timestep=torch.tensor([700.0]), encoder_hidden_states=ctx, pooled_projections=pooled,
+                        return_dict=False)[0]
+    split.detach()
+    torch.testing.assert_close(with_lora, x - 0.7 * v, rtol=0, atol=2e-5)
+
+
+def _comfy_euler(model, clip, vae, prompt: str, seed: int, sigmas: torch.Tensor, cfg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's own sampling of one image: its euler sampler over the given sigmas, CFG (or Flux's FluxGuidance
+    through the conditioning), seed noise as ComfyUI draws it; (latent, decoded image [1,3,H,W])."""
+    import comfy.sample
+    import comfy.samplers
+
+    positive, negative = _encode(clip, prompt), _encode(clip, "")
+    if model.model.model_config.unet_config.get("guidance_embed"):
+        positive = [[c, {**d, "guidance": cfg}] for c, d in positive]
+        cfg = 1.0
+    latent = torch.zeros(1, 16, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    out = comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas, positive, negative,
+                                     latent, seed=seed)
+    image = vae.decode(out)[..., :3].movedim(-1, 1).float().clamp(0, 1)
+    return out, image
+
+
+@pytest.mark.parametrize("kind,method", [("sd3", "spo"), ("sd3", "grpo"), ("flux", "spo"), ("flux", "grpo")])
+def test_train_on_a_flow_model_and_comfyui_draws_the_trainers_image(comfy, kind, method):
+    """SPOTrainLoRA on ComfyUI's SD3 (MMDiT) / Flux MODEL: the kohya file is patched whole by the stock
+    LoraLoaderModelOnly (no warning, one patch per stored module; GRPO runs with gradient checkpointing, SPO
+    without), and ComfyUI's own euler sampling of the
+    patched MODEL draws, at the same seed, the image the trainer's validation draws with its hooks."""
+    from comfy_support.harness import tiny_clip, tiny_flux_model, tiny_sd3_model, tiny_vae16
+    from safetensors import safe_open
+
+    from spo_core.lora import read_lora
+    from spo_core.training.lora_network import inject_lora
+    from spo_core.training.validation import sample_images
+
+    training = sys.modules[comfy.pack_module + ".nodes.comfy_training"]
+    make = tiny_sd3_model if kind == "sd3" else tiny_flux_model
+    clip, vae = tiny_clip(0), tiny_vae16(0)
+    scorer, = run_node_class(comfy.node_class("SPOTest_BrightnessScorer"))
+    name = f"tiny_{kind}_{method}"
+    comfy.log.clear()
+    model_out, path, curves, report = run_node_class(
+        comfy.node_class("SPOTrainLoRA"), model=make(0), clip=clip, vae=vae, scorer=scorer, prompts="a red apple\na blue car",
+        method=method, preset="auto", train_steps=2, learning_rate=2e-2, rank=2, width=64, height=64, seed=1,
+        output_name=name, resume=False, overwrite=True, mixed_precision="auto", gradient_checkpointing=method == "grpo",
+        checkpoint_every=0, preview_every=-1, sampling_steps=6, guidance_scale=3.0, k=2, batch_size=2,
+        pair_threshold=0.0)
+    assert f"{method} LoRA trained for 2 steps on a custom-{kind} model" in report
+    with safe_open(path, "pt") as f:
+        stored = {k.split(".")[0] for k in f.keys()}
+        assert f.metadata()["spo_method"] == method
+    assert any("_attn_qkv" in k or "linear1" in k for k in stored)  # ComfyUI's fused layout, kohya names
+    assert len(model_out.patches) == len(stored) and not _lora_warnings(comfy)  # the node's MODEL has it applied
+    patched, warnings = run_node_class(comfy.node_class("LoraLoaderModelOnly"), model=make(0), lora_name=Path(path).name,
+                                       strength_model=1.0)[0], _lora_warnings(comfy)
+    assert warnings == [] and len(patched.patches) == len(stored)
+
+    host = training.ComfyTrainingHost(make(0), clip, vae)
+    sigmas = host.schedule.spo_sigmas(6)
+    with torch.inference_mode(False), torch.enable_grad():
+        net = inject_lora(host.lora_root(), host.module_table(), "attn", 2, 2.0, "gaussian", 0)
+        assert net.load_lora(read_lora(path, arch=host.module_table())) == len(net.branches)
+        ours = sample_images(host, net, ["a red apple"], [5], 6, 3.0, 1.0, None, 64, 64, sigmas=sigmas)
+        base = sample_images(host, net, ["a red apple"], [5], 6, 3.0, 0.0, None, 64, 64, sigmas=sigmas)
+        net.detach()
+    _, theirs = _comfy_euler(patched, clip, vae, "a red apple", 5, sigmas, 3.0)
+    assert float((ours - base).abs().max()) > 1e-3  # the LoRA changed the picture
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-4)
+
+
 # -- example workflows validate in the real ComfyUI ---------------------------------------------------
 
 

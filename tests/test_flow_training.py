@@ -199,3 +199,29 @@ def test_methods_that_need_a_unet_refuse_flow_models(sd3_host, tmp_path, method,
     with pytest.raises(ConfigError, match=match):
         train(cfg, sd3_host, BrightnessScorer())
     assert [p.requires_grad for p in sd3_host.backend.transformer.parameters()] == flags  # the host is left as it was
+
+
+def test_a_fused_kohya_file_of_split_trained_factors_reads_back_at_their_own_rank(sd3_host, tmp_path):
+    """The trainer's split q/k/v factors go to the kohya file fused (block-diagonal, rank 3r); reading it gives
+    every part back its own rank-r factors, so init_lora / resume load it into a rank-r network again, and a
+    part whose factor stayed zero (the last block's unused context query) keeps its place."""
+    from spo_core.lora import read_lora
+    from spo_core.lora.write import save_lora
+    from spo_core.training.lora_network import inject_lora
+
+    table = sd3_host.module_table()
+    net = inject_lora(sd3_host.lora_root(), table, "attn", 2, 4.0, "gaussian", 0)
+    try:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for slot, branch in net.branches.items():
+                if not slot.endswith("1__attn__add_q_proj"):
+                    branch.up.copy_(torch.randn(branch.up.shape, generator=g))
+        save_lora(net.to_lora(), tmp_path / "l.safetensors", fmt="webui")
+        back = read_lora(tmp_path / "l.safetensors", arch=table)
+        assert {m.rank for m in back.modules.values()} == {2} and len(back.modules) == len(net.branches)
+        for key, m in net.to_lora().modules.items():
+            torch.testing.assert_close(back.modules[key].delta(), m.delta(), rtol=0, atol=1e-6)
+        assert net.load_lora(back) == len(net.branches)
+    finally:
+        net.detach()

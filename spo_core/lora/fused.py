@@ -1,7 +1,9 @@
 """Exact conversion between fused (BFL / MMDiT `qkv`, Flux `linear1`) and split (diffusers) LoRA layouts.
 
 Split: a fused LoRA (down [r, in], up [rows, r]) becomes one LoRA per part with the same down and
-that part's rows of up: rank stays r, every delta is the same matrix slice, nothing is rounded.
+that part's rows of up: rank stays r, every delta is the same matrix slice, nothing is rounded. A
+block-diagonal up (written below from parts with their own downs) splits back into those parts'
+own factors, so split -> fuse -> split is the identity, ranks included.
 
 Fuse: parts whose downs, ranks and scales are identical (what a split gave) get that down back
 and their ups stacked: bit-identical. Otherwise the downs are concatenated (rank = the sum) and
@@ -36,8 +38,34 @@ def _rows(t: torch.Tensor, ranges) -> torch.Tensor:
 
 
 def split_group(group: FusedGroup, down: torch.Tensor, up: torch.Tensor, alpha: float) -> list[LoRAModule]:
-    """One LoRA per part of a fused weight (the caller checked up has `group.rows` rows)."""
-    return [LoRAModule(part, down, _rows(up, part.ldm_rows), alpha) for part in group.parts]
+    """One LoRA per part of a fused weight (the caller checked up has `group.rows` rows). A block-diagonal
+    up (what `fuse_group` writes for parts with their own downs, e.g. a LoRA trained on split q/k/v) gives
+    each part back its own rank-r factors (trailing parts left at zero are left out); a dense up keeps
+    the shared down, rank r for every part."""
+    ups = [_rows(up, part.ldm_rows) for part in group.parts]
+    blocks = _own_blocks(ups)
+    if blocks is None:
+        return [LoRAModule(part, down, u, alpha) for part, u in zip(group.parts, ups)]
+    rank = down.shape[0]
+    return [LoRAModule(part, down[cols], u[:, cols], alpha * (cols.stop - cols.start) / rank)
+            for part, u, cols in zip(group.parts, ups, blocks) if cols is not None]
+
+
+def _own_blocks(ups: list[torch.Tensor]) -> list[slice | None] | None:
+    """Per part, its own column block of a block-diagonal fused up as `fuse_group` lays it out: the first n
+    parts present in order, w = rank / n columns each, every part's non-zero columns inside its block, the
+    parts after them all zero (None: left out). None when the up is not laid out that way (dense)."""
+    rank = ups[0].shape[1]
+    nonzero = [(u != 0).any(0).nonzero().flatten() for u in ups]
+    if sum(len(nz) > 0 for nz in nonzero) < 2:
+        return None  # one trained part (or none) cannot tell a block layout from a dense one
+    for n in range(len(ups), 1, -1):
+        if rank % n or any(len(nz) for nz in nonzero[n:]):
+            continue
+        w = rank // n
+        if all(len(nz) == 0 or (int(nz[0]) >= i * w and int(nz[-1]) < (i + 1) * w) for i, nz in enumerate(nonzero[:n])):
+            return [slice(i * w, (i + 1) * w) if i < n else None for i in range(len(ups))]
+    return None
 
 
 def split_diff(group: FusedGroup, diff: torch.Tensor | None, diff_b: torch.Tensor | None) -> list[DiffModule]:

@@ -192,7 +192,7 @@ class TrainConfig:
                 raise ConfigError(f"grpo_timestep_fraction must be in (0, 1], got {self.grpo_timestep_fraction}")
             if self.group_size < 2:
                 raise ConfigError(f"GRPO compares each image with its group: group_size must be >= 2, got {self.group_size}")
-            if self.beta < 0:
+            if self.beta is not None and self.beta < 0:
                 raise ConfigError(f"GRPO's KL coefficient beta must be >= 0, got {self.beta}")
         if self.method == "ddpo":
             if not 0 < self.ddpo_timestep_fraction <= 1:

@@ -116,9 +116,9 @@ class LoRABranch(nn.Module):
             self.down = nn.Parameter(torch.zeros(rank, host.in_channels, kh, kw))
             self.up = nn.Parameter(torch.zeros(host.out_channels, rank, 1, 1))
         else:
-            self.conv = False
-            self.down = nn.Parameter(torch.zeros(rank, host.in_features))
-            self.up = nn.Parameter(torch.zeros(host.out_features, rank))
+            self.conv = False  # [out, in] of the table's module: a part of a fused host weight has fewer rows
+            self.down = nn.Parameter(torch.zeros(rank, info.shape[1]))
+            self.up = nn.Parameter(torch.zeros(info.shape[0], rank))
 
     def reset(self, init: str, generator: torch.Generator | None) -> None:
         """peft's initializations: gaussian (down ~ N(0, (1/r)^2)) or kaiming-uniform(a=sqrt 5); up = 0."""
@@ -196,8 +196,17 @@ class LoRANetwork(nn.Module):
     def attach(self) -> None:
         if self._handles:
             return
+        by_host: dict[int, list[str]] = {}
         for slot, host in self._hosts.items():
-            self._handles.append(host.register_forward_hook(self._make_hook(self.branches[slot]), with_kwargs=True))
+            by_host.setdefault(id(host), []).append(slot)
+        for slots in by_host.values():
+            host = self._hosts[slots[0]]
+            if len(slots) == 1 and self.infos[slots[0]].shape[0] == host.weight.shape[0]:
+                hook = self._make_hook(self.branches[slots[0]])
+            else:
+                hook = self._make_fused_hook([(self.branches[s], self.infos[s].ldm_rows) for s in slots],
+                                             int(host.weight.shape[0]))
+            self._handles.append(host.register_forward_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
         """Remove the hooks: the host is exactly as before."""
@@ -218,6 +227,39 @@ class LoRANetwork(nn.Module):
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
             delta = branch(x)
+            if m != 1:
+                delta = delta * m
+            return output + delta.to(output.dtype)
+
+        return hook
+
+    def _make_fused_hook(self, parts: list[tuple["LoRABranch", tuple]], rows: int) -> Callable:
+        """One module holding several table modules' rows (a fused q/k/v): each part's delta goes to
+        its own row ranges of the output, rows no part trains get zero."""
+        net = self
+
+        def hook(module, args, kwargs, output):
+            m = net.multiplier
+            if m == 0:
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            segments = []
+            for branch, ranges in parts:
+                delta = branch(x)
+                start = 0
+                for a, b in ranges:
+                    segments.append((a, b, delta[..., start:start + b - a]))
+                    start += b - a
+            segments.sort(key=lambda seg: seg[0])
+            pieces, at = [], 0
+            for a, b, piece in segments:
+                if a > at:
+                    pieces.append(piece.new_zeros(*piece.shape[:-1], a - at))
+                pieces.append(piece)
+                at = b
+            if at < rows:
+                pieces.append(pieces[-1].new_zeros(*pieces[-1].shape[:-1], rows - at))
+            delta = torch.cat(pieces, dim=-1)
             if m != 1:
                 delta = delta * m
             return output + delta.to(output.dtype)
@@ -342,6 +384,11 @@ def find_host_modules(root: LoRARoot, table: ModuleTable, modules: Iterable[Modu
             continue
         rel = name[len(prefix):]
         if root.naming == "ldm":
+            group = table.group(rel)
+            if group is not None:  # a fused weight (ComfyUI's MMDiT/Flux qkv): its parts share this module
+                _check_fused(rel, mod, group, table)
+                found.update({(p.component, p.name): mod for p in group.parts if (p.component, p.name) in wanted})
+                continue
             info = table.from_ldm(rel)
         elif root.naming == "diffusers":
             info = table.get(table.denoiser, rel)
@@ -357,6 +404,14 @@ def find_host_modules(root: LoRARoot, table: ModuleTable, modules: Iterable[Modu
             )
         found[(info.component, info.name)] = mod
     return found
+
+
+def _check_fused(rel: str, mod: nn.Module, group, table: ModuleTable) -> None:
+    shape = tuple(mod.weight.shape)
+    if shape[0] != group.rows or any(p.shape[1:] != shape[1:] for p in group.parts):
+        raise ModelMismatchError(
+            f"module {rel} has weight shape {shape} but the {table.arch} table fuses {group.rows} rows of "
+            f"{group.parts[0].shape[1:]} there; the model is not the architecture the LoRA is made for")
 
 
 def inject_lora(root: LoRARoot | nn.Module, table: ModuleTable, targets: str | Iterable[str] = "attn", rank: int = 4,

@@ -411,3 +411,52 @@ def run_node_class(cls, unique_id: str = "1", **inputs):
             inputs["unique_id"] = unique_id
         out = getattr(cls(), cls.FUNCTION)(**inputs)
         return tuple(out["result"]) if isinstance(out, dict) else tuple(out)
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """A diffusers SD3Transformer2DModel that ComfyUI detects as SD3 (16 latent channels, hidden = 64 x depth, one
+    head per 64), conditioned on the tiny CLIP's 32-wide states and pooled output."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16)
+
+
+def tiny_sd3_model(seed: int = 0):
+    """ComfyUI's own SD3 MODEL (MMDiT, CONST sampling, shift 3) loaded from the diffusers weights, as a
+    diffusion-model loader loads a diffusers-format SD3 file."""
+    import comfy.sd
+
+    return comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in tiny_sd3_transformer(seed).state_dict().items()})
+
+
+def tiny_flux_model(seed: int = 0):
+    """ComfyUI's own Flux MODEL (guidance-distilled, ModelSamplingFlux) at a tiny size: one double and one single
+    block of 128 channels (one head, as ComfyUI's 128-wide rope heads), random weights."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux({
+        "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+        "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 1, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56],
+        "theta": 10000, "qkv_bias": True, "guidance_embed": True})
+    model = config.get_model({})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=torch.device("cpu"))
+
+
+def tiny_vae16(seed: int = 0):
+    """A TAESD-style VAE with 16 latent channels (SD3 / Flux latents)."""
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: v if k in ("vae_scale", "vae_shift") else torch.randn(v.shape, generator=g) * 0.05 for k, v in taesd.state_dict().items()}
+    return comfy.sd.VAE(sd=sd)
