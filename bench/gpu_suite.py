@@ -23,6 +23,14 @@ Sections, each a list of rows (an out-of-memory is caught and kept as a row):
 - numerics: the transition log-probability, SPO's loss and one LoRA gradient under fp16 / bf16
   autocast against fp32 on the same inputs (max relative error), and the share of pair members whose
   clamped ratio decision (below / inside / above 1 +- eps) agrees with fp32.
+- flow: real-size rectified-flow transformers, SD3.5-medium (2.2B, real CFG) and Flux-dev size (11.9B,
+  distilled guidance 3.5), bf16 weights built on the GPU from the shipped configs (a row: load time and
+  the weights' memory), a rank 32 / alpha 64 LoRA on every attention projection (the pack's LoRA engine
+  and shipped module tables). One Flow-GRPO-style training micro-step at 512 px, batch 2 (SD3: 4
+  transformer rows with CFG; Flux: 2): the reference pass (LoRA off, no grad), the policy pass under bf16
+  autocast, the SDE step's mean and transition log-probability, loss, backward, AdamW; seconds per step
+  and peak allocated / reserved memory with gradient checkpointing off and on. Then one sampling step
+  (batch 1, no grad, LoRA attached): seconds per step and peak memory. --skip-flux leaves Flux out.
 
 Prints one table, writes bench/results/gpu_suite.json (device name, torch/CUDA versions) and exits
 non-zero when a target fails (on a GPU; --tiny reports the targets without enforcing them):
@@ -469,8 +477,197 @@ def numerics_section(suite: Suite, args) -> None:
     net.detach()
 
 
+# -- rectified flow ---------------------------------------------------------------------------------------
+
+# family: (row label, shipped config, guidance, text tokens): SD3 with real CFG (its CLIP-L/G + T5 length
+# 77 + 256), Flux-dev with its distilled guidance (T5 length 512)
+FLOW_MODELS = {"sd3": ("SD3.5-medium transformer", "sd35-medium", 4.5, 333),
+               "flux": ("Flux transformer", "flux-dev", 3.5, 512)}
+FLOW_SIGMAS = (0.8, 0.75)  # one mid-trajectory transition
+FLOW_NOISE_LEVEL = 0.7  # Flow-GRPO's SDE noise level a
+
+
+def flow_transformer(suite: Suite, family: str):
+    """A random-weight transformer in bf16 on the device: the shipped config built directly on the device
+    with bf16 as the default dtype (no fp32 copy, no CPU detour: the memory is the weights'), or --tiny's."""
+    import diffusers
+
+    from spo_core.lora.tables import CONFIG_DIR
+    from spo_core.testing import tiny_flux_transformer, tiny_sd3_pipeline
+
+    if suite.tiny:
+        model = tiny_sd3_pipeline().transformer if family == "sd3" else tiny_flux_transformer()
+    else:
+        cls = diffusers.SD3Transformer2DModel if family == "sd3" else diffusers.FluxTransformer2DModel
+        config = json.loads((CONFIG_DIR / FLOW_MODELS[family][1] / "transformer" / "config.json").read_text())
+        torch.manual_seed(0)
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(suite.device):
+                model = cls.from_config(config)
+        finally:
+            torch.set_default_dtype(before)
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # its "modules to keep in float32: []" note on .to(dtype)
+    try:
+        model = model.to(device=suite.device, dtype=torch.bfloat16)
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
+    return model.eval().requires_grad_(False)
+
+
+def flow_host(transformer):
+    """The pack's FlowTrainingHost over a bare transformer (a VAE stand-in: a step never decodes)."""
+    from types import SimpleNamespace
+
+    from spo_core.backends.flow_backend import FlowBackend
+    from spo_core.training.host import FlowTrainingHost
+
+    vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=(128, 256, 512, 512), scaling_factor=1.0,
+                                                 shift_factor=0.0))
+    backend = FlowBackend(transformer, vae, encode=None, arch="flux" if "Flux" in type(transformer).__name__ else "sd3")
+    return FlowTrainingHost(backend)
+
+
+def flow_inputs(suite: Suite, host, batch: int, side: int, tokens: int, seed: int = 0):
+    """Random latents [B, C, side, side] (float32, as the trainer keeps them) and bf16 prompt embeddings
+    (with the negative prompt's for CFG), the transformer's own widths."""
+    from spo_core.sampling.denoiser import TensorConditioning
+
+    cfg = host.backend.transformer.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, host.backend.latent_channels, side, side, generator=g).to(suite.device)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(suite.device, torch.bfloat16)
+
+    tensors = {"embeds": rand(batch, tokens, cfg.joint_attention_dim), "pooled": rand(batch, cfg.pooled_projection_dim)}
+    if not host.backend.guidance_embeds:
+        tensors.update(neg_embeds=rand(batch, tokens, cfg.joint_attention_dim),
+                       neg_pooled=rand(batch, cfg.pooled_projection_dim))
+    return x, TensorConditioning(tensors)
+
+
+def flow_train_step(den, net, opt, x, cond, x_next, autocast) -> torch.Tensor:
+    """One Flow-GRPO-style micro-step, as DDPO/GRPO's trajectory_log_probs runs it: the reference (LoRA off,
+    no grad), the policy pass, the SDE step's mean and transition log-probability, loss, backward, AdamW."""
+    from spo_core.sampling.flow import sde_step
+    from spo_core.sampling.step import transition_log_prob
+
+    sigma, sigma_next = FLOW_SIGMAS
+    s = torch.full((x.shape[0],), sigma, device=x.device)
+    with torch.no_grad(), net.disabled(), autocast():
+        x0_ref = den(x, s, cond)
+    mean_ref, std = sde_step(x, x0_ref.float(), sigma, sigma_next, FLOW_NOISE_LEVEL)
+    with autocast():
+        x0 = den(x, s, cond)
+    mean, _ = sde_step(x, x0.float(), sigma, sigma_next, FLOW_NOISE_LEVEL)
+    logp = transition_log_prob(x_next, mean, std)
+    logp_ref = transition_log_prob(x_next, mean_ref, std)
+    loss = -(logp - logp_ref).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def flow_model_rows(suite: Suite, family: str) -> None:
+    """Load, train step with gradient checkpointing off and on, sampling step: one model's rows."""
+    from spo_core.sampling.flow import sde_step
+    from spo_core.training import inject_lora
+
+    label, arch, guidance, tokens = FLOW_MODELS[family]
+    side = 64 if not suite.tiny else 16  # 512 px through the 8x VAE (16 latent channels)
+    tokens = tokens if not suite.tiny else 8
+    res = side * 8
+    iters = 3 if not suite.tiny else 1
+    rank, alpha = 32, 64.0
+    transformer = None
+    with suite.measure("flow", f"{label} load, bf16 random init", model=arch) as row:
+        transformer = flow_transformer(suite, family)
+        row["params_m"] = round(sum(p.numel() for p in transformer.parameters()) / 1e6, 1)
+        row["weights_gb"] = round(sum(p.numel() * p.element_size() for p in transformer.parameters()) / GB, 3)
+    if row["status"] != "ok":
+        return
+    host = flow_host(transformer)
+    table = host.module_table()
+    den = host.denoiser(guidance)
+    cfg_rows = 1 if host.backend.guidance_embeds else 2  # transformer rows per sample
+    guide = "guided" if host.backend.guidance_embeds else "CFG"
+    autocast = lambda: torch.autocast(suite.device.type, dtype=torch.bfloat16)  # noqa: E731
+    common = dict(model=arch, table=table.arch, guidance=f"{'distilled' if guide == 'guided' else 'CFG'} {guidance}",
+                  resolution=res, latent=f"{host.backend.latent_channels}x{side}x{side}",
+                  text_tokens=tokens, precision="bf16", lora_rank=rank, lora_alpha=alpha)
+
+    batch = 2
+    x, cond = flow_inputs(suite, host, batch, side, tokens)
+    try:
+        with torch.no_grad(), autocast():  # the sample the rollout drew: the reference step's mean plus its noise
+            x0 = den(x, torch.full((batch,), FLOW_SIGMAS[0], device=suite.device), cond).float()
+            mean, std = sde_step(x, x0, *FLOW_SIGMAS, FLOW_NOISE_LEVEL)
+            x_next = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(1)).to(suite.device)
+            del x0, mean
+    except Exception as exc:  # noqa: BLE001 - a row, as a failed load is
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        suite.rows.append({"section": "flow", "name": f"{label} rollout sample for the train step",
+                           "status": "out of memory" if oom else f"error: {type(exc).__name__}: {str(exc)[:160]}"})
+        return
+    for gc in (False, True):
+        name = f"{label} train step {res}px {guide}, grad ckpt {'on' if gc else 'off'}"
+        net = None
+        with suite.measure("flow", name, batch=batch, transformer_rows=batch * cfg_rows, gradient_checkpointing=gc,
+                           **common) as row:
+            net = inject_lora(host.lora_root(), table, "attn", rank, alpha, "gaussian", 0, device=suite.device)
+            row["lora_modules"], row["lora_params_m"] = len(net.branches), round(net.num_parameters() / 1e6, 2)
+            if gc:
+                host.set_gradient_checkpointing(True, net.checkpoint_function())
+            opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
+            flow_train_step(den, net, opt, x, cond, x_next, autocast)  # warm-up
+            suite.sync()
+            t0 = time.perf_counter()
+            losses = [flow_train_step(den, net, opt, x, cond, x_next, autocast) for _ in range(iters)]
+            suite.sync()
+            row["seconds_per_step"] = round((time.perf_counter() - t0) / iters, 4)
+            row["loss_finite"] = all(math.isfinite(float(v)) for v in losses)
+            del opt
+        host.set_gradient_checkpointing(False)
+        if net is not None:
+            net.detach()
+            net.zero_grad(set_to_none=True)
+        del net
+    del x, cond, x_next
+
+    net = inject_lora(host.lora_root(), table, "attn", rank, alpha, "gaussian", 0, device=suite.device)
+    x, cond = flow_inputs(suite, host, 1, side, tokens, seed=2)
+    name = f"{label} sampling step {res}px {guide}, no grad"
+    with suite.measure("flow", name, batch=1, transformer_rows=cfg_rows, gradient_checkpointing=False, **common) as row:
+        s = torch.full((1,), FLOW_SIGMAS[0], device=suite.device)
+        with torch.no_grad(), autocast():
+            den(x, s, cond)  # warm-up
+            suite.sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                den(x, s, cond)
+            suite.sync()
+        row["seconds_per_step"] = round((time.perf_counter() - t0) / iters, 4)
+    net.detach()
+    del net, x, cond, den, host, transformer
+    if suite.cuda:
+        import gc as _gc
+
+        _gc.collect()
+        torch.cuda.empty_cache()
+
+
+def flow_section(suite: Suite, args) -> None:
+    flow_model_rows(suite, "sd3")
+    if not getattr(args, "skip_flux", False):
+        flow_model_rows(suite, "flux")
+
+
 SECTIONS = {"training": training_section, "objectives": objectives_section, "sampling": sampling_section,
-            "spm": spm_section, "numerics": numerics_section}
+            "spm": spm_section, "numerics": numerics_section, "flow": flow_section}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models (CPU check of the code paths)")
     ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--skip-sdxl", action="store_true")
+    ap.add_argument("--skip-flux", action="store_true", help="leave the Flux-size transformer out of the flow section")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_suite.json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -24,12 +24,12 @@ def test_gpu_suite_runs_every_section_on_tiny_models(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads(out.read_text())
     sections = {r["section"] for r in record["rows"]}
-    assert sections == {"training", "objectives", "sampling", "spm", "numerics"}
+    assert sections == {"training", "objectives", "sampling", "spm", "numerics", "flow"}
     bad = [r for r in record["rows"] if r["status"] != "ok"]
     assert not bad, bad
     names = [r["name"] for r in record["rows"]]
     for needle in ("SPO training sd15", "SPO training sdxl", "Diffusion-DPO", "NCP-DPO", "DDPO", "LPO", "LRM (no decode)",
-                   "FK 4 particles", "autocast vs fp32"):
+                   "FK 4 particles", "autocast vs fp32", "SD3.5-medium transformer", "Flux transformer"):
         assert any(needle in n for n in names), needle
     # the trainer really stepped, and the latent scorer really skipped the decoder
     assert all(r["steps"] == 2 for r in record["rows"] if "steps" in r and r["section"] in ("training", "objectives"))
@@ -37,6 +37,48 @@ def test_gpu_suite_runs_every_section_on_tiny_models(tmp_path):
     assert lrm["decodes"] == 0 and lrm["scorer_rows"] > 0
     assert record["targets"] and not any(t["enforced"] for t in record["targets"])  # --tiny reports, never enforces
     assert "targets:" in proc.stdout
+    # flow: both transformers trained a LoRA step with checkpointing off and on, and sampled one step
+    flow = [r for r in record["rows"] if r["section"] == "flow"]
+    for model, rows in (("SD3.5-medium transformer", 4), ("Flux transformer", 2)):  # SD3 runs CFG: 2 rows a sample
+        train = [r for r in flow if model in r["name"] and "train step" in r["name"]]
+        assert {r["gradient_checkpointing"] for r in train} == {False, True}, model
+        assert {("grad ckpt on" in r["name"]) for r in train} == {False, True}, model
+        assert all(r["loss_finite"] and r["lora_modules"] > 0 and r["seconds_per_step"] > 0 for r in train), train
+        assert all(r["transformer_rows"] == rows and r["lora_rank"] == 32 for r in train), train
+        assert any(model in r["name"] and "sampling step" in r["name"] for r in flow), model
+
+
+_REAL_FLOW = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import gpu_suite as gs
+from spo_core.training import inject_lora
+suite = gs.Suite(torch.device("meta"), tiny=False)
+for family in ("sd3", "flux"):
+    transformer = gs.flow_transformer(suite, family)
+    host = gs.flow_host(transformer)
+    table = host.module_table()
+    net = inject_lora(host.lora_root(), table, "attn", 32, 64.0, "gaussian", 0, device="meta")
+    x, cond = gs.flow_inputs(suite, host, 2, 8, 4)
+    with torch.no_grad():
+        x0 = host.denoiser(gs.FLOW_MODELS[family][2])(x, torch.full((2,), 0.8, device="meta"), cond)
+    params = sum(p.numel() for p in transformer.parameters())
+    dtypes = {str(p.dtype) for p in transformer.parameters()}
+    print(family, table.arch, len(net.branches), len(net.missing), round(params / 1e9, 1), dtypes.pop(), len(dtypes),
+          tuple(x.shape) == tuple(x0.shape), x.shape[1])
+"""
+
+
+@pytest.mark.slow
+def test_flow_section_builds_the_real_size_transformers_with_the_shipped_tables():
+    """The real run's wiring without a GPU: the transformers from the shipped configs on the meta device, in bf16,
+    get the shipped LoRA tables (every attention projection found) and run a guided step at the right widths."""
+    proc = subprocess.run([sys.executable, "-c", _REAL_FLOW, str(ROOT / "bench")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert lines["sd3"] == "sd35-medium 243 0 2.2 torch.bfloat16 0 True 16"
+    assert lines["flux"] == "flux-dev 266 0 11.9 torch.bfloat16 0 True 16"
 
 
 def test_gpu_suite_refuses_cuda_without_a_gpu(tmp_path):
