@@ -29,6 +29,11 @@ def is_flow_world(spec: str | os.PathLike | None) -> bool:
     return spec is not None and str(spec).strip().lower() == FLOW_WORLD and not Path(str(spec)).exists()
 
 
+def is_any_world(spec: str | os.PathLike | None) -> bool:
+    """`world` or `world-flow`: either of the embedded world's models (its SPM and prompts serve both)."""
+    return is_world(spec) or is_flow_world(spec)
+
+
 def resolve_model(spec: str | os.PathLike) -> str | os.PathLike:
     """The world's base model folder for `world`, anything else unchanged."""
     return str(WORLD_MODEL) if is_world(spec) else spec

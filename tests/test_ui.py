@@ -390,6 +390,30 @@ def test_the_form_exposes_threshold_and_beta_and_auto_picks_the_world_preset(tmp
     assert build_config(TrainForm(method="spo", prompts_text="a"), "sdxl", tmp_path).preset == "spo-sdxl"
 
 
+def test_the_app_trains_grpo_on_the_worlds_flow_model_and_samples_it(tmp_path):
+    """world-flow in the app: the Train tab picks the world's flow preset and SPM, writes a LoRA of the
+    transformer (kohya MMDiT names); the Sample tab draws on the same FlowBackend."""
+    pytest.importorskip("spo_core.scorers")
+    from spo_core.safe_io import read_safetensors_header
+    from spo_core.ui.tab_sample import SampleSettings, run_sampling
+    from spo_core.ui.tab_train import TrainForm, build_config, run_training
+
+    host = StandaloneHost(tmp_path, model="world-flow")
+    form = TrainForm(method="grpo", prompts_text="a red circle\na blue square", scorer="spm", max_steps=1, steps=4,
+                     sample_batch_size=2, train_batch_size=4, checkpoint_every=0, validate_every=-1, output_name="flow1",
+                     extra={"group_size": 2})
+    result = run_training(host, form)
+    tensors, meta = read_safetensors_header(Path(result["lora"]))
+    assert meta["spo_method"] == "grpo" and result["steps"] == 1
+    assert any(k.startswith("lora_unet_joint_blocks_0_x_block_attn_qkv.") for k in tensors)
+    assert build_config(TrainForm(method="spo", prompts_text="a"), "world-flow", tmp_path, world=True, flow=True).preset == \
+        "spo-world-flow"
+    with pytest.raises(ConfigError, match="rectified-flow"):
+        build_config(TrainForm(method="lpo", prompts_text="a"), "world-flow", tmp_path, world=True, flow=True)
+    out = run_sampling(host.backend(), SampleSettings("a red circle", steps=4, seed=1, schedule="Karras", k=1), None)
+    assert out["pixels"].shape[-1] == 32
+
+
 def test_no_pairs_are_reported_within_two_rounds_with_what_to_change(tmp_path, tiny_folder):
     pytest.importorskip("spo_core.scorers")
     from spo_core.ui.tab_train import run_training

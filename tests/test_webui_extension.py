@@ -479,3 +479,20 @@ def test_training_host_denoiser_matches_diffusers(webui, tiny_model):
     img = host.decode(x[:1] * 0.1)
     assert img.shape == (1, 3, 32, 32) and 0 <= float(img.min()) and float(img.max()) <= 1
     assert host.latent_shape(2) == (2, 4, 64, 64)
+
+
+def test_training_tab_on_a_forge_flux_checkpoint_says_where_flux_trains(webui):
+    from spo_core.errors import ConfigError
+
+    sys.path.insert(0, str(ROOT / "webui_extension"))
+    try:
+        from spo_webui.training import WebUITrainingHost
+    finally:
+        sys.path.remove(str(ROOT / "webui_extension"))
+
+    flux = type("Flux", (), {"forge_objects": object(), "is_sdxl": False, "is_sd1": False})()
+    with pytest.raises(ConfigError, match="Flux model.*ComfyUI's Train SPO LoRA node or `spo train"):
+        WebUITrainingHost(flux)
+    other = type("Other", (), {})()
+    with pytest.raises(ConfigError, match="not SD1.5, SD2 or SDXL"):
+        WebUITrainingHost(other)

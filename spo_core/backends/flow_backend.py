@@ -39,6 +39,25 @@ def is_flow_pipeline_folder(path: str | Path) -> bool:
     return json.loads(index.read_text()).get("_class_name", "") in FLOW_PIPELINES
 
 
+def is_flow_model_spec(spec: str | Path | None) -> bool:
+    """`world-flow`, or a local SD3/SD3.5/Flux diffusers folder."""
+    from ..model_names import is_flow_world
+
+    return spec is not None and (is_flow_world(spec) or (Path(str(spec)).expanduser().is_dir()
+                                                         and is_flow_pipeline_folder(Path(str(spec)).expanduser())))
+
+
+def load_flow_model(spec: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> "FlowBackend":
+    """The FlowBackend of `world-flow` (the embedded world's flow model) or of a local SD3/SD3.5/Flux folder."""
+    from ..model_names import is_flow_world
+
+    if is_flow_world(spec):
+        from ..world import load_flow_world_backend
+
+        return load_flow_world_backend(device, dtype)
+    return FlowBackend.from_pretrained(Path(str(spec)).expanduser(), device=device, dtype=dtype)
+
+
 class FlowDenoiser:
     """`denoise(x, sigma, cond) -> x0` for a flow transformer (x0 = x - sigma * v), guidance inside."""
 

@@ -180,23 +180,13 @@ def _sample(args: argparse.Namespace) -> int:
 
 def load_sampling_backend(args: argparse.Namespace):
     """A DiffusersBackend for SD1.5/SD2/SDXL, a FlowBackend for SD3/SD3.5/Flux folders (the flow step from --flow-step)."""
-    from pathlib import Path
-
     from ..backends import DiffusersBackend
-    from ..backends.flow_backend import FlowBackend, is_flow_pipeline_folder
+    from ..backends.flow_backend import is_flow_model_spec, load_flow_model
     from ..lora.write import resolve_dtype
 
-    from ..model_names import is_flow_world
-
     dtype = resolve_dtype(args.dtype)
-    if is_flow_world(args.model):
-        from ..world import load_flow_world_backend
-
-        backend = load_flow_world_backend(args.device, dtype)
-        backend.schedule.step = args.flow_step
-        return backend
-    if Path(str(args.model)).is_dir() and is_flow_pipeline_folder(args.model):
-        backend = FlowBackend.from_pretrained(args.model, device=args.device, dtype=dtype)
+    if is_flow_model_spec(args.model):  # world-flow, SD3/SD3.5 and Flux folders
+        backend = load_flow_model(args.model, args.device, dtype)
         backend.schedule.step = args.flow_step
         return backend
     if args.flow_step != "rf_ancestral":

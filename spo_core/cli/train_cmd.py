@@ -92,19 +92,6 @@ def with_world_defaults(cfg, args: argparse.Namespace):
     return world
 
 
-def load_flow_backend(model: str, device, dtype):
-    """The FlowBackend of `world-flow` or of a local SD3/SD3.5/Flux diffusers folder."""
-    from ..model_names import is_flow_world
-
-    if is_flow_world(model):
-        from ..world import load_flow_world_backend
-
-        return load_flow_world_backend(device, dtype)
-    from ..backends.flow_backend import FlowBackend
-
-    return FlowBackend.from_pretrained(model, device=device, dtype=dtype)
-
-
 def gpu_tactics(cfg) -> dict:
     """The memory tactics of the preset (GPU_TACTICS) when it trains on a CUDA GPU: the settings under the
     config file and the flags, so either still overrides them. 8-bit AdamW only where bitsandbytes is."""
@@ -161,8 +148,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..backends import DiffusersBackend
-    from ..backends.flow_backend import is_flow_pipeline_folder
-    from ..model_names import is_flow_world
+    from ..backends.flow_backend import is_flow_model_spec, load_flow_model
     from ..progress import TqdmProgress
     from ..safe_io import sha256_file
     from ..training import DiffusersTrainingHost, FlowTrainingHost, train
@@ -177,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
           f"output {resolved.output_dir})", file=sys.stderr)
     model_path = Path(resolved.model)
     model_hash = sha256_file(model_path) if model_path.is_file() else None
-    if is_flow_world(resolved.model) or (model_path.is_dir() and is_flow_pipeline_folder(model_path)):
-        host = FlowTrainingHost(load_flow_backend(resolved.model, device, dtype), model_name=model_path.name)
+    if is_flow_model_spec(resolved.model):
+        host = FlowTrainingHost(load_flow_model(resolved.model, device, dtype), model_name=model_path.name)
     else:
         backend = DiffusersBackend.from_pretrained(resolved.model, arch=resolved.arch, device=device, dtype=dtype,
                                                    vae=resolved.vae, loading_bars=not args.no_progress and rank == 0)

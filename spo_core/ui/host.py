@@ -213,12 +213,18 @@ class StandaloneHost(UIHost):
 
         path = (path or self.model_path or "").strip()
         if not path:
-            raise ConfigError("no model: type the path of a diffusers model folder (or an SD1.5/SDXL .safetensors file), "
-                              "or start the app with --model PATH")
+            raise ConfigError("no model: type the path of a diffusers model folder (SD1.5/SDXL, SD3/SD3.5, Flux; or an "
+                              "SD1.5/SDXL .safetensors file), or start the app with --model PATH")
+        from ..backends.flow_backend import is_flow_model_spec, load_flow_model
+
         key = str(Path(path).expanduser().resolve())
         if key not in self._backends:
             self._backends.clear()  # one model in memory at a time
-            self._backends[key] = DiffusersBackend.from_pretrained(Path(path).expanduser(), device=self.device, dtype=self.dtype)
+            if is_flow_model_spec(path):  # world-flow, SD3/SD3.5 and Flux folders
+                self._backends[key] = load_flow_model(path, device=self.device, dtype=self.dtype)
+            else:
+                self._backends[key] = DiffusersBackend.from_pretrained(Path(path).expanduser(), device=self.device,
+                                                                       dtype=self.dtype)
         self.model_path = path
         return self._backends[key]
 
@@ -227,10 +233,11 @@ class StandaloneHost(UIHost):
 
     def training_host(self, model: str | None = None, **options) -> Any:
         """The trainer's host over the diffusers model (loaded once, shared with the Sample tab)."""
-        from ..training import DiffusersTrainingHost
+        from ..training import DiffusersTrainingHost, FlowTrainingHost
 
         backend = self.backend(model)
-        return DiffusersTrainingHost(backend, model_name=Path(self.model_path or "model").name)
+        host_cls = FlowTrainingHost if getattr(backend, "is_flow", False) else DiffusersTrainingHost
+        return host_cls(backend, model_name=Path(self.model_path or "model").name)
 
     def model_arch(self) -> str | None:
         if not self._backends:

@@ -48,7 +48,8 @@ def run_sampling(backend, settings: SampleSettings, scorer, progress=None, cance
         raise ConfigError("the prompt is empty: type what the image should show")
     size = int(settings.size) or None
     steps = int(settings.steps)
-    sigmas = None if settings.schedule.startswith("SPO") else backend.schedule.karras_sigmas(steps)
+    flow = getattr(backend, "is_flow", False)  # a flow model samples on its pipeline's own schedule
+    sigmas = None if settings.schedule.startswith("SPO") or flow else backend.schedule.karras_sigmas(steps)
     cfg = ResamplerConfig(k=int(settings.k), policy=settings.policy, eta=float(settings.eta),
                           window=(float(settings.window_lo), float(settings.window_hi)), score_every=int(settings.score_every),
                           keep_images=int(settings.k) > 1, potential=settings.potential, lam=float(settings.lam),

@@ -28,11 +28,11 @@ def load_scorer_for(host: UIHost, name: str, weights: str | None, extra_clip: st
     """The scorer a tab asked for; `world` (or no weights, with the world as the model) is the
     embedded world's SPM or latent reward model."""
     path = None
-    from ..model_names import is_world
+    from ..model_names import is_any_world, is_world
     from ..scorers import SCORERS
 
     info = SCORERS.get(name)
-    if name in ("spm", "lrm") and (is_world(weights) or (not (weights or "").strip() and is_world(getattr(host, "model_path", None)))):
+    if name in ("spm", "lrm") and (is_world(weights) or (not (weights or "").strip() and is_any_world(getattr(host, "model_path", None)))):
         path = "world"
     elif info is not None and info.needs_weights:
         path = str(host.resolve_input(SCORER, weights, f"weights for the {name} scorer"))

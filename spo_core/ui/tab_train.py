@@ -20,8 +20,9 @@ from .jobs import Job, JobState, progress_html
 from .tab_score import load_scorer_for, scorer_inputs
 from .widgets import display_image, g_update, gr, run_job_handler, status_box
 
-METHODS = ["spo", "lpo", "ddpo", "diffusion_dpo", "ncp_dpo"]
-PRESET_CHOICES = ["auto", "spo-sd15", "spo-sdxl", "lpo-sd15", "lpo-sdxl", "ddpo", "diffusion-dpo", "ncp-dpo"]
+METHODS = ["spo", "lpo", "ddpo", "grpo", "diffusion_dpo", "ncp_dpo"]
+PRESET_CHOICES = ["auto", "spo-sd15", "spo-sdxl", "lpo-sd15", "lpo-sdxl", "ddpo", "diffusion-dpo", "ncp-dpo", "spo-sd3",
+                  "spo-flux", "grpo-sd3", "grpo-flux"]
 SHOWN_CURVES = {"spo": [["loss"], ["score_margin"], ["implicit_acc"]], "lpo": [["loss"], ["score_margin"], ["implicit_acc"]],
                 "ddpo": [["loss"], ["reward"]],
                 "diffusion_dpo": [["loss"], ["implicit_acc"]], "ncp_dpo": [["loss"], ["implicit_acc"]]}
@@ -64,7 +65,7 @@ class TrainForm:
 
 
 def build_config(form: TrainForm, arch: str | None, output_dir: Path, host_dtype_is_half: bool = False,
-                 world: bool = False):
+                 world: bool = False, flow: bool = False):
     """A TrainConfig from the form: preset first (auto: by the model: the world's own settings on
     the embedded world, SPO's SD1.5 or SDXL config otherwise), then the fields the user set
     (zeros, or a negative threshold, keep the preset's value)."""
@@ -76,7 +77,10 @@ def build_config(form: TrainForm, arch: str | None, output_dir: Path, host_dtype
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset = form.preset
     if preset == "auto":
-        preset = auto_preset(method, arch, world=world)
+        preset = auto_preset(method, arch, world=world, flow=flow)
+        if preset is None:
+            raise ConfigError(f"{method} has no settings for this model ({arch}); on rectified-flow models use spo, ddpo "
+                              "or grpo")
     cfg = apply_preset(TrainConfig(), preset) if preset not in ("", "none") else TrainConfig()
     cfg.method = method
     cfg.output_dir = str(output_dir)
@@ -143,11 +147,12 @@ def run_training(host: UIHost, form: TrainForm, job: Job | None = None) -> dict[
     thost = host.training_host(model=form.model)
     import torch
 
-    from ..model_names import is_world
+    from ..model_names import is_any_world, is_flow_world
 
+    model = form.model or getattr(host, "model_path", None)
     cfg = build_config(form, thost.arch, host.training_dir(form.output_name),
                        host_dtype_is_half=thost.dtype == torch.float16 and thost.device.type == "cuda",
-                       world=is_world(form.model or getattr(host, "model_path", None)))
+                       world=is_any_world(model), flow=is_flow_world(model))
     final = host.output_path(LORA, cfg.output_name)
     if final.exists() and not (cfg.overwrite or form.resume):
         raise OutputExistsError(f"{final} exists: choose another output name, tick overwrite, or tick resume")
@@ -282,10 +287,10 @@ def build_train_tab(host: UIHost) -> None:
                         raise ConfigError("the prompt list is empty: type prompts (one per line) or upload a prompt file")
                     from ..scorers import SCORERS
 
-                    from ..model_names import is_world
+                    from ..model_names import is_any_world
 
                     info = SCORERS.get(form.scorer)
-                    if is_world(form.model or getattr(host, "model_path", None)) and form.scorer in ("spm", "lrm") \
+                    if is_any_world(form.model or getattr(host, "model_path", None)) and form.scorer in ("spm", "lrm") \
                             and not weights_:
                         form.scorer_weights = "world"  # the world's own step-aware preference / latent reward model
                     elif info is not None and info.needs_weights:

@@ -95,7 +95,13 @@ class WebUITrainingHost:
         self.forge = hasattr(sd_model, "forge_objects")
         arch = model_arch_of(sd_model)
         if arch not in ("sd15", "sdxl", "sd2"):
-            raise ConfigError("the loaded checkpoint is not SD1.5, SD2 or SDXL; SPO training supports those")
+            flux = "flux" in type(sd_model).__name__.lower() or getattr(sd_model, "is_flux", False)
+            raise ConfigError(
+                ("the loaded checkpoint is a Flux model: the WebUI tab trains SD1.5, SD2 and SDXL checkpoints (the SPO "
+                 "sampler runs on Flux here); train Flux LoRAs with ComfyUI's Train SPO LoRA node or `spo train --model "
+                 "FLUX_FOLDER --preset grpo-flux` (or spo-flux), and load the LoRA here") if flux else
+                "the loaded checkpoint is not SD1.5, SD2 or SDXL; the WebUI tab trains those (SD3/Flux: ComfyUI's node "
+                "or `spo train` on a diffusers folder)")
         self.arch = arch
         self.is_sdxl = arch == "sdxl"
         self.v_prediction = getattr(sd_model, "parameterization", "eps") == "v"
