@@ -225,3 +225,21 @@ def test_a_fused_kohya_file_of_split_trained_factors_reads_back_at_their_own_ran
         assert net.load_lora(back) == len(net.branches)
     finally:
         net.detach()
+
+
+@pytest.mark.parametrize("method", ["spo", "grpo"])
+def test_a_resumed_flow_run_continues_exactly(sd3_host, tmp_path, method):
+    """Two steps straight equal one step, a stop, and a resume to two (the SDE rollouts' generators, the GRPO
+    buffer and its advantages, the optimizer: all in the checkpoint)."""
+    from test_training_support import lora_tensors
+
+    with single_thread():
+        straight = train(_cfg(tmp_path / "a", method=method, group_size=2, train_batch_size=2), sd3_host, BrightnessScorer())
+        train(_cfg(tmp_path / "b", method=method, group_size=2, train_batch_size=2, max_steps=1), sd3_host, BrightnessScorer())
+        resumed = train(_cfg(tmp_path / "b", method=method, group_size=2, train_batch_size=2, resume="auto"), sd3_host,
+                        BrightnessScorer())
+    assert resumed.steps == straight.steps == 2
+    a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
