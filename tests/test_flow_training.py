@@ -243,3 +243,23 @@ def test_a_resumed_flow_run_continues_exactly(sd3_host, tmp_path, method):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+class _Constant:
+    name = "constant"
+    needs_prompt = False
+
+    def score(self, images, prompts=None, timesteps=None):
+        return torch.zeros(images.shape[0])
+
+
+def test_grpo_with_a_scorer_that_ties_every_group_stops_with_what_to_change(sd3_host, tmp_path):
+    with single_thread():
+        trainer = Trainer(_cfg(tmp_path, method="grpo"), sd3_host, _Constant())
+        trainer.max_empty_rounds = 2
+        try:
+            trainer._setup()
+            with pytest.raises(Exception, match="every group's rewards tied.*larger group_size"):
+                trainer.source.next_batch(2)
+        finally:
+            trainer.close()

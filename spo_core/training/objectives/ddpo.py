@@ -108,8 +108,16 @@ class DDPOSource:
         self.round_stats: dict[str, float] = {}
 
     def next_batch(self, n: int) -> Batch:
+        empty = 0
         while len(self.buffer) < n:
-            self.collect()
+            empty = 0 if self.collect() else empty + 1
+            if empty >= self.ctx.max_empty_rounds:
+                from ...errors import SPOError
+
+                raise SPOError(
+                    f"{empty} sampling rounds in a row gave nothing to train: every group's rewards tied, so every "
+                    f"advantage was 0 (the {self.scorer.name} scorer does not tell this model's images apart). Use a "
+                    "scorer that does, a larger group_size, or a higher noise_level / eta. Training stopped.")
         items, self.buffer = self.buffer[:n], self.buffer[n:]
         return Batch(items)
 
