@@ -54,7 +54,13 @@ def split_group(group: FusedGroup, down: torch.Tensor, up: torch.Tensor, alpha: 
 def _own_blocks(ups: list[torch.Tensor]) -> list[slice | None] | None:
     """Per part, its own column block of a block-diagonal fused up as `fuse_group` lays it out: the first n
     parts present in order, w = rank / n columns each, every part's non-zero columns inside its block, the
-    parts after them all zero (None: left out). None when the up is not laid out that way (dense)."""
+    parts after them all zero (None: left out). None when the up is not laid out that way (dense). The
+    first rows of each part decide first, so a dense up costs a few rows, not a pass over the weights."""
+    sample = _layout([u[:4] for u in ups])
+    return None if sample is None else _layout(ups)
+
+
+def _layout(ups: list[torch.Tensor]) -> list[slice | None] | None:
     rank = ups[0].shape[1]
     nonzero = [(u != 0).any(0).nonzero().flatten() for u in ups]
     if sum(len(nz) > 0 for nz in nonzero) < 2:
