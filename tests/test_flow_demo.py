@@ -15,10 +15,13 @@ from spo_core.world.flow_demo import FlowDemoConfig, run_flow_demo  # noqa: E402
 
 
 def test_flow_demo_compares_steering_with_best_of_n_at_equal_evaluations(tmp_path):
-    cfg = FlowDemoConfig(out=tmp_path / "demo", eval_prompts=2, seeds_per_prompt=1, budget=2, grid_rows=2)
+    cfg = FlowDemoConfig(out=tmp_path / "demo", eval_prompts=2, seeds_per_prompt=1, budget=2, grid_rows=2, train_steps=1)
     report = run_flow_demo(cfg)
     arms = report["arms"]
-    assert list(arms) == ["plain", "best-of-2", "greedy k=2, every step", "FK 2 particles"]
+    assert list(arms) == ["plain", "best-of-2", "greedy k=2, every step", "FK 2 particles", "spo LoRA (1 steps)"]
+    assert report["training"]["steps"] == 1 and report["training"]["transformer_evaluations"] > 0
+    assert arms["spo LoRA (1 steps)"]["denoiser_evaluations_per_image"] == 20  # plain sampling of the merged LoRA
+    assert "vs_best_of_n" not in arms["spo LoRA (1 steps)"] and "spo LoRA: 1 steps" in (tmp_path / "demo" / "report.md").read_text()
     assert arms["plain"]["denoiser_evaluations_per_image"] == 20  # 20 steps, CFG inside one row
     best = arms["best-of-2"]["denoiser_evaluations_per_image"]
     assert best == 40
@@ -42,6 +45,6 @@ def test_spo_sample_world_flow(tmp_path, capsys):
     assert "FK steering with 2 particles" in capsys.readouterr().out
 
 
-def test_flow_demo_cli_refuses_training_flags(capsys):
-    assert main(["demo", "--flow", "--method", "ddpo"]) == 2
-    assert "trains nothing" in capsys.readouterr().err
+def test_flow_demo_cli_refuses_methods_that_need_a_unet(capsys):
+    assert main(["demo", "--flow", "--method", "lpo"]) == 2
+    assert "the flow model trains with spo, ddpo, grpo, not 'lpo'" in capsys.readouterr().err

@@ -23,16 +23,18 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="the CI-sized run (under 3 min on 2 cores)")
     p.add_argument("--output-dir", dest="output_dir", default="spo_demo", help="output folder (default: spo_demo)")
     alias(p, "--out", dest="output_dir")
-    p.add_argument("--method", default="spo", choices=["spo", "lpo", "diffusion_dpo", "ncp_dpo", "ddpo"],
-                   help="what to train (lpo learns from the world's latent reward model, the others from its SPM or GT)")
-    p.add_argument("--max-steps", dest="max_steps", type=int, help="training steps (default: 60; --quick: 32)")
+    p.add_argument("--method", default="spo", choices=["spo", "lpo", "diffusion_dpo", "ncp_dpo", "ddpo", "grpo"],
+                   help="what to train (lpo learns from the world's latent reward model, the others from its SPM or GT; "
+                   "--flow: spo, grpo or ddpo)")
+    p.add_argument("--max-steps", dest="max_steps", type=int, help="training steps (default: 60; --quick: 32; "
+                   "--flow: 20, --quick 8, 0 = no training)")
     alias(p, "--steps", dest="max_steps", type=int)
     p.add_argument("--eval-prompts", type=int, help="held-out prompts evaluated, 2 seeds each (default: 48; --quick: 24)")
     p.add_argument("--k", type=int, default=4, help="resampler candidates per step in the evaluation (1: skip it); "
                    "--flow: the steering budget N (candidates, particles, best-of)")
     p.add_argument("--flow", action="store_true",
                    help="the world's rectified-flow model instead: plain sampling vs best-of-N, the per-step resampler "
-                   "and FK steering at equal evaluations (trains nothing)")
+                   "and FK steering at equal evaluations, and a LoRA trained on its SDE steps (--method spo/grpo/ddpo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     add_no_progress(p)
@@ -71,14 +73,13 @@ def run(args: argparse.Namespace) -> int:
 def run_flow(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..errors import ConfigError
     from ..progress import TqdmProgress
     from ..world.flow_demo import FlowDemoConfig, flow_report_markdown, run_flow_demo
 
-    if args.method != "spo" or args.max_steps is not None:
-        raise ConfigError("--flow trains nothing (training on flow models is not in the pack yet): drop --method/--max-steps")
     out = Path(args.output_dir if args.output_dir != "spo_demo" else "spo_demo_flow")
-    kw = {"out": out, "budget": args.k, "seed": args.seed, "threads": args.threads}
+    kw = {"out": out, "budget": args.k, "seed": args.seed, "threads": args.threads, "method": args.method}
+    if args.max_steps is not None:
+        kw["train_steps"] = args.max_steps
     if args.eval_prompts is not None:
         kw["eval_prompts"] = args.eval_prompts
     cfg = FlowDemoConfig.quick(**kw) if args.quick else FlowDemoConfig(**kw)

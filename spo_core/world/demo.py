@@ -34,7 +34,7 @@ from .preference import ground_truth
 
 log = logging.getLogger(__name__)
 
-METHODS = ("spo", "diffusion_dpo", "ncp_dpo", "ddpo")
+METHODS = ("spo", "diffusion_dpo", "ncp_dpo", "ddpo", "grpo")
 
 
 @dataclass
