@@ -118,13 +118,17 @@ def unet_image_model(base_model) -> str | None:
     return dict(base_model.model_config.unet_config).get("image_model")
 
 
+def is_transformer_model(base_model) -> bool:
+    """A DiT (ComfyUI's SD3 MMDiT: `depth`, no `model_channels`; Flux: image_model "flux"), not an SD UNet."""
+    u = dict(base_model.model_config.unet_config)
+    return unet_image_model(base_model) is not None or ("depth" in u and "model_channels" not in u)
+
+
 def training_arch(model) -> str:
     """The architecture a MODEL trains as: sd15/sd2/sdxl/custom-* for UNets, sd35-medium/large,
     flux-dev/schnell or custom-sd3/flux for ComfyUI's rectified-flow transformers."""
     base = getattr(model, "model", model)
-    if hasattr(getattr(base, "diffusion_model", None), "input_blocks"):
-        return model_arch(model)
-    return comfy_flow_table(base).arch
+    return comfy_flow_table(base).arch if is_transformer_model(base) else model_arch(model)
 
 
 def _with_copied_streams(forward: Callable) -> Callable:
@@ -175,7 +179,7 @@ class ComfyTrainingHost:
         self.base = model.model
         self.clip = clip
         self.vae = vae
-        self.transformer = not hasattr(self.base.diffusion_model, "input_blocks")  # an MMDiT / Flux, not a UNet
+        self.transformer = is_transformer_model(self.base)  # an MMDiT / Flux, not a UNet
         self._table = comfy_flow_table(self.base) if self.transformer else None
         self.arch = self._table.arch if self.transformer else model_arch(model)
         self.is_sdxl = self.arch in ("sdxl", "custom-sdxl")

@@ -158,7 +158,7 @@ def _run(cfg: TrainConfig, model, clip, vae, scorer, node_id, publish_to: Path, 
         host.release()
         comfy.model_management.soft_empty_cache()
     path = _publish(result.lora_path, publish_to)
-    if host.transformer:  # SD3 / Flux: the written kohya file through ComfyUI's own LoRA loader, as a user loads it
+    if getattr(host, "transformer", False):  # SD3 / Flux: the written kohya file through ComfyUI's own LoRA loader, as a user loads it
         import comfy.sd
         import comfy.utils
 
