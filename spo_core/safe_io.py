@@ -625,6 +625,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 _CHECK_CHUNK = 1 << 22  # elements per batched check (8 MB of fp16/bf16): bounded extra memory, cache-sized
+_CHECK_ALONE = 1 << 16  # a tensor this large is reduced where it lies (a copy into a batch would cost more)
 
 
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -632,14 +633,19 @@ def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
 
     The minimum and maximum are finite iff every element is (NaN propagates through both; exact, no
     overflow), and torch's aminmax runs at memory speed in the tensor's own dtype (5x isfinite().all()).
-    It runs over chunks of many small tensors concatenated by dtype and device: a LoRA's thousands
-    of small factors cost one reduction per chunk instead of one per tensor; a chunk that fails is
-    re-checked tensor by tensor to name the culprits."""
+    Large tensors are reduced in place; small ones (a LoRA's thousands of alphas and small factors) are
+    concatenated by dtype and device into chunks, one reduction per chunk instead of one per tensor; a
+    chunk that fails is re-checked tensor by tensor to name the culprits."""
     groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
-    for k, v in tensors.items():
-        if v.is_floating_point() and v.numel():
-            groups.setdefault((v.dtype, v.device), []).append((k, v))
     suspects: list[str] = []
+    for k, v in tensors.items():
+        if not v.is_floating_point() or not v.numel():
+            continue
+        if v.numel() >= _CHECK_ALONE:
+            if not _finite_bounds(v.reshape(-1)):
+                suspects.append(k)
+        else:
+            groups.setdefault((v.dtype, v.device), []).append((k, v))
     for items in groups.values():
         start = 0
         while start < len(items):
@@ -649,11 +655,15 @@ def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
                 end += 1
             chunk = items[start:end]
             flat = chunk[0][1].reshape(-1) if len(chunk) == 1 else torch.cat([v.reshape(-1) for _, v in chunk])
-            lo, hi = torch.aminmax(flat)
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            if not _finite_bounds(flat):
                 suspects.extend(k for k, _ in chunk)
             start = end
     return [k for k in suspects if not torch.isfinite(tensors[k]).all()]
+
+
+def _finite_bounds(flat: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(flat)
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
 def name_list(names: list[str], limit: int = 10) -> str:

@@ -536,3 +536,15 @@ def test_inspect_warns_when_attention_modules_carry_different_alphas(tmp_path, c
     assert main(["lora", "inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "different alphas" in out and "--to diffusers" in out
+
+
+def test_non_finite_names_exactly_the_bad_tensors_large_and_batched():
+    from spo_core.safe_io import non_finite
+
+    big = torch.zeros(1 << 17, dtype=torch.bfloat16)
+    bad_big = big.clone()
+    bad_big[12345] = float("nan")
+    small = {f"s{i}": torch.full((7, 3), float(i), dtype=torch.float16) for i in range(50)}
+    small["s17"][2, 1] = float("inf")
+    tensors = {"big": big, "bad_big": bad_big, **small, "ints": torch.arange(5), "empty": torch.zeros(0)}
+    assert non_finite(tensors) == ["bad_big", "s17"]
