@@ -424,3 +424,66 @@ def test_comfyui_patches_every_module_with_our_delta(comfy, cls_name, tmp_path, 
         for k in changed:
             torch.testing.assert_close(state[k], merged[k], rtol=1e-5, atol=1e-6)
         p.unpatch_model()
+
+
+def _linear1_qkv_file(table, path, rank: int = 2, seed: int = 3) -> dict:
+    """ComfyUI's key for a LoRA of the q/k/v rows of Flux's linear1 alone (XLabs / USO LoRAs), beside img_attn."""
+    g = torch.Generator().manual_seed(seed)
+    group = table.groups["single_blocks.0.linear1"]
+    h = group.parts[0].out_features
+    sd = {"diffusion_model.single_blocks.0.linear1_qkv.lora_down.weight": torch.randn(rank, group.in_features, generator=g) * 0.1,
+          "diffusion_model.single_blocks.0.linear1_qkv.lora_up.weight": torch.randn(3 * h, rank, generator=g) * 0.1,
+          "diffusion_model.single_blocks.0.linear1_qkv.alpha": torch.tensor(1.0)}
+    qkv = table.groups["double_blocks.0.img_attn.qkv"]
+    sd["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"] = torch.randn(rank, qkv.in_features, generator=g) * 0.1
+    sd["diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight"] = torch.randn(qkv.rows, rank, generator=g) * 0.1
+    save_file(sd, str(path))
+    return sd
+
+
+def test_comfyuis_linear1_qkv_keys_read_as_flux_q_k_v_and_convert(tmp_path):
+    """`single_blocks.N.linear1_qkv` (the leading 3 x hidden rows of linear1) reads as to_q/to_k/to_v of the single
+    block, exactly, and writes back as a full linear1 whose MLP rows are zero."""
+    model, table = tiny("FluxTransformer2DModel")
+    sd = _linear1_qkv_file(table, tmp_path / "qkv.safetensors")
+    lora = read_lora(tmp_path / "qkv.safetensors", arch=table)
+    assert lora.is_clean() and not lora.unmatched, (lora.problems, lora.unmatched)
+    single = {n for (_, n) in lora.modules if n.startswith("single_transformer_blocks.0.")}
+    assert single == {f"single_transformer_blocks.0.attn.to_{x}" for x in "qkv"}
+    up, down = sd["diffusion_model.single_blocks.0.linear1_qkv.lora_up.weight"], sd["diffusion_model.single_blocks.0.linear1_qkv.lora_down.weight"]
+    h = up.shape[0] // 3
+    for i, x in enumerate("qkv"):
+        want = (up[i * h:(i + 1) * h] @ down) * (1.0 / 2)
+        torch.testing.assert_close(lora.modules[("transformer", f"single_transformer_blocks.0.attn.to_{x}")].delta(), want)
+    save_lora(lora, tmp_path / "k.safetensors", fmt="webui")
+    back = load_file(str(tmp_path / "k.safetensors"))
+    full = back["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert full.shape[0] == table.groups["single_blocks.0.linear1"].rows and full[3 * h:].abs().max() == 0
+    again = read_lora(tmp_path / "k.safetensors", arch=table)
+    assert again.modules.pop(("transformer", "single_transformer_blocks.0.proj_mlp")).delta().abs().max() == 0
+    assert_same_deltas(again, lora)
+
+
+@pytest.mark.comfyui
+def test_comfyui_patches_linear1_qkv_files_as_our_converted_file(comfy, tmp_path, caplog):
+    """ComfyUI's own loader on the `linear1_qkv` file and on our kohya conversion of it: the same weights."""
+    model, table = tiny("FluxTransformer2DModel")
+    original = {k: v.contiguous() for k, v in original_state_dict(table, model.state_dict()).items()}
+    patcher = _comfy_model(comfy, "FluxTransformer2DModel", original)
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    source = _linear1_qkv_file(table, tmp_path / "qkv.safetensors")
+    save_lora(read_lora(tmp_path / "qkv.safetensors", arch=table), tmp_path / "k.safetensors", fmt="webui")
+    states = []
+    for sd in (source, load_file(str(tmp_path / "k.safetensors"))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            patches = comfy.lora.load_lora(sd, key_map)
+        assert not [r for r in caplog.records if any(w in r.getMessage() for w in LORA_WARNINGS)]
+        p = patcher.clone()
+        p.add_patches(patches, 1.0)
+        p.patch_model()
+        states.append({k: v.clone() for k, v in p.model.diffusion_model.state_dict().items()})
+        p.unpatch_model()
+    assert not torch.equal(states[0]["single_blocks.0.linear1.weight"], original["single_blocks.0.linear1.weight"])
+    for k in original:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-6)

@@ -24,6 +24,8 @@ names a `FusedGroup` of the table, not one module.
 
 from __future__ import annotations
 
+import dataclasses
+
 from .tables import FusedGroup, ModuleInfo, ModuleTable
 
 # tensor suffix -> (part, scheme); checked longest first
@@ -160,8 +162,27 @@ def alias_map(table: ModuleTable) -> dict[str, ModuleInfo | FusedGroup]:
         for g in table.groups.values():
             for a in original_aliases(g.ldm):
                 cached.setdefault(a, g)
+            qkv = qkv_prefix(g)
+            if qkv is not None:  # ComfyUI's `linear1_qkv`: a LoRA on the q/k/v rows of Flux's linear1 only
+                for a in original_aliases(g.ldm + "_qkv"):
+                    cached.setdefault(a, qkv)
         table.__dict__["_alias_map"] = cached
     return cached
+
+
+def qkv_prefix(group: FusedGroup) -> FusedGroup | None:
+    """The q/k/v parts of a fused weight that holds more (Flux single blocks' linear1 = q, k, v, MLP input)
+    when they are its leading rows: ComfyUI keys a LoRA of those rows alone as `<linear1>_qkv`."""
+    n = 0
+    while n < len(group.parts) and group.parts[n].name.endswith(("to_q", "to_k", "to_v")):
+        n += 1
+    if n != 3 or n == len(group.parts):
+        return None
+    rows = [r for p in group.parts[:3] for r in (p.ldm_rows or ())]
+    end = max(b for _, b in rows)
+    if sorted(rows)[0][0] != 0 or sum(b - a for a, b in rows) != end:
+        return None
+    return dataclasses.replace(group, parts=group.parts[:3], rows=end)
 
 
 def split_key(key: str, amap: dict[str, ModuleInfo | FusedGroup]) -> tuple[ModuleInfo | FusedGroup, str, str] | None:
