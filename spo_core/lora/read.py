@@ -226,6 +226,10 @@ def read_lora(
     if own is not None:
         tables.append(own)  # a LoRA the pack wrote for a custom model carries that model's table
     claimed = metadata_arch(meta)
+    if len(tables) > 1:  # a table none of a spread sample of keys names cannot win: skip its full match
+        sample = list(sd)[:: max(1, len(sd) // 48)]
+        probed = [t for t in tables if any(split_key(k, alias_map(t)) for k in sample)]
+        tables = probed or tables
     best, ties = None, []
     for table in tables:
         parts, unmatched, labels, twice = _match(sd, table)

@@ -8,12 +8,23 @@
 hook-based LoRA that trains on the host's own UNet and saves through the LoRA engine.
 """
 
-from .config import PRESETS, TrainConfig, apply_preset, preset
-from .host import DiffusersTrainingHost, FlowTrainingHost, TrainingHost
-from .lora_network import LoRANetwork, LoRARoot, inject_lora, select_modules
-from .trainer import Trainer, TrainingOutOfMemory, TrainResult, train
+import importlib
 
-__all__ = [
-    "DiffusersTrainingHost", "FlowTrainingHost", "LoRANetwork", "LoRARoot", "PRESETS", "TrainConfig", "TrainResult", "Trainer",
-    "TrainingHost", "TrainingOutOfMemory", "apply_preset", "inject_lora", "preset", "select_modules", "train",
-]
+# resolved on first use (PEP 562), so `spo_core.training.config` (every CLI verb's flags) imports without the trainer
+_EXPORTS = {
+    "PRESETS": "config", "TrainConfig": "config", "apply_preset": "config", "preset": "config",
+    "DiffusersTrainingHost": "host", "FlowTrainingHost": "host", "TrainingHost": "host",
+    "LoRANetwork": "lora_network", "LoRARoot": "lora_network", "inject_lora": "lora_network", "select_modules": "lora_network",
+    "Trainer": "trainer", "TrainingOutOfMemory": "trainer", "TrainResult": "trainer", "train": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted(_EXPORTS)
