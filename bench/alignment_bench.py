@@ -24,6 +24,10 @@ counts 2 per image; sampling, scoring rollouts and training forwards alike):
    and (`--steering-scorers spm,lrm`) by the world's latent reward model; every arm compared with
    best-of-N image by image; GT against evaluations per image in alignment_steering.png.
 
+`--world flow`: the world's rectified-flow model; its training arms are spo, grpo and ddpo (default spo,grpo:
+the `<method>-world-flow` presets on its SDE steps, counted in transformer evaluations), then the steering
+arms with `--steering-budgets`; results go to *_flow.json/png (bench/training_efficiency.py compares runs).
+
 `--methods ""` runs only the sampling parts. Prints a table and writes alignment_bench.json and
 (with training) alignment_bench.png.
 """
