@@ -702,7 +702,8 @@ def test_pairs_node_takes_image_batches_or_a_pairs_file(pack, fake_trainer):
 # -- example workflows ------------------------------------------------------------------------------
 
 STOCK_NODES = {"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
-               "PreviewImage", "PreviewAny", "BasicScheduler", "SamplerCustom"}
+               "PreviewImage", "PreviewAny", "BasicScheduler", "SamplerCustom", "UNETLoader", "DualCLIPLoader", "VAELoader",
+               "FluxGuidance", "EmptySD3LatentImage"}
 
 
 def test_example_workflows_are_consistent_with_the_nodes(pack):

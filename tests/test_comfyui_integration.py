@@ -600,7 +600,8 @@ def test_example_workflows_validate_in_comfyui(comfy):
 
     from comfy_support.workflows import load_examples, ui_to_api
 
-    placeholders = {"ckpt_name": "checkpoints", "lora_name": "loras"}
+    placeholders = {"ckpt_name": "checkpoints", "lora_name": "loras", "unet_name": "diffusion_models",
+                    "clip_name1": "text_encoders", "clip_name2": "text_encoders", "vae_name": "vae"}
     for name, wf in load_examples().items():
         prompt = ui_to_api(wf, comfy.nodes.NODE_CLASS_MAPPINGS)
         for node in prompt.values():  # empty files stand in for the models the workflow names

@@ -78,9 +78,9 @@ class ComfyHarness:
         folder_paths.set_output_directory(str(self.base / "output"))
         folder_paths.set_input_directory(str(self.base / "input"))
         folder_paths.set_temp_directory(str(self.base / "temp"))
-        for folder in ("checkpoints", "loras", "diffusion_models", "vae", "spo_scorers"):
+        for folder in ("checkpoints", "loras", "diffusion_models", "vae", "text_encoders", "spo_scorers"):
             (self.base / "models" / folder).mkdir(parents=True, exist_ok=True)
-        for folder in ("checkpoints", "loras", "diffusion_models", "vae"):
+        for folder in ("checkpoints", "loras", "diffusion_models", "vae", "text_encoders"):
             folder_paths.add_model_folder_path(folder, str(self.base / "models" / folder), is_default=True)
         folder_paths.add_model_folder_path("loras", str(self.base / "output" / "loras"))
         folder_paths.models_dir = str(self.base / "models")  # where the pack registers spo_scorers

@@ -17,6 +17,7 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SD15 = "v1-5-pruned-emaonly.safetensors"
 SPO_LORA = "spo-sd-v1-5_4k-p_10ep_lora_diffusers.safetensors"
 SPM = "sd-v1-5_step-aware_preference_model.bin"
+FLUX = "flux1-dev.safetensors"
 PROMPT = "a photo of a red fox in the snow, golden hour"
 NEGATIVE = "blurry, low quality"
 
@@ -110,6 +111,38 @@ EXAMPLES: dict[str, dict] = {
             (9, "SaveImage", [1780, 200], {"filename_prefix": "spo_trained"}, {"images": (8, 0)}, None),
             (10, "PreviewImage", [800, 760], {}, {"images": (3, 2)}, "Loss and reward curves"),
             (11, "PreviewAny", [1180, 620], {}, {"source": (3, 3)}, "Training report"),
+        ],
+    },
+    "train_flux_grpo": {
+        "note": "Train a LoRA on the loaded FLUX.1-dev with Flow-GRPO (preset auto = grpo-flux: 6-step SDE rollouts, "
+                "groups of 24 images per prompt scored by PickScore, no second copy of the model; k sets the group "
+                "size), then sample with the returned MODEL. method spo trains SPO's step-wise pairs on the same "
+                "rollouts. The kohya LoRA in output/loras patches every module in the stock LoRA loader.",
+        "nodes": [
+            (1, "UNETLoader", [20, 120], {"unet_name": FLUX, "weight_dtype": "default"}, {}, None),
+            (2, "DualCLIPLoader", [20, 300], {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                              "type": "flux"}, {}, None),
+            (3, "VAELoader", [20, 520], {"vae_name": "ae.safetensors"}, {}, None),
+            (4, "SPOLoadScorer", [20, 680], {"scorer": "pickscore", "weights": "PickScore_v1", "device": "auto",
+                                             "dtype": "auto"}, {}, None),
+            (5, "SPOTrainLoRA", [400, 200], {
+                "prompts": "a beautiful lake at dawn\na portrait of an old fisherman\na red fox in the snow\na city street at night",
+                "method": "grpo", "preset": "auto", "train_steps": 300, "learning_rate": 0.0, "rank": 0, "width": 0,
+                "height": 0, "seed": 42, "output_name": "my_flux_grpo_lora", "resume": False, "overwrite": False,
+                "mixed_precision": "auto", "gradient_checkpointing": True, "checkpoint_every": 25, "preview_every": 25,
+                "sampling_steps": 0, "guidance_scale": 0.0, "k": 0, "batch_size": 0, "pair_threshold": -1.0},
+             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "scorer": (4, 0)}, None),
+            (6, "CLIPTextEncode", [820, 60], {"text": PROMPT}, {"clip": (2, 0)}, "Prompt"),
+            (7, "FluxGuidance", [820, 300], {"guidance": 3.5}, {"conditioning": (6, 0)}, None),
+            (8, "CLIPTextEncode", [820, 440], {"text": ""}, {"clip": (2, 0)}, "Negative (unused at cfg 1)"),
+            (9, "EmptySD3LatentImage", [820, 640], {"width": 1024, "height": 1024, "batch_size": 1}, {}, None),
+            (10, "KSampler", [1200, 200], {"seed": 42, "steps": 28, "cfg": 1.0, "sampler_name": "euler",
+                                           "scheduler": "simple", "denoise": 1.0},
+             {"model": (5, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (9, 0)}, None),
+            (11, "VAEDecode", [1560, 200], {}, {"samples": (10, 0), "vae": (3, 0)}, None),
+            (12, "SaveImage", [1800, 200], {"filename_prefix": "flux_grpo"}, {"images": (11, 0)}, None),
+            (13, "PreviewImage", [820, 860], {}, {"images": (5, 2)}, "Loss, reward and KL curves"),
+            (14, "PreviewAny", [1200, 620], {}, {"source": (5, 3)}, "Training report"),
         ],
     },
 }
