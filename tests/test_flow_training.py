@@ -263,3 +263,16 @@ def test_grpo_with_a_scorer_that_ties_every_group_stops_with_what_to_change(sd3_
                 trainer.source.next_batch(2)
         finally:
             trainer.close()
+
+
+def test_spo_train_on_world_flow_picks_its_preset_and_refuses_offload(tmp_path, capsys):
+    from spo_core.cli import main
+
+    assert main(["train", "--model", "world-flow", "--method", "grpo", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert 'preset = "grpo-world-flow"' in text and 'flow_step = "sde"' in text and "group_size = 8" in text
+    assert main(["train", "--model", "world-flow", "--offload", "vae", "--max-steps", "1", "--output-dir",
+                 str(tmp_path), "--no-progress"]) == 2
+    assert "--offload vae is for SD1.5/SDXL models" in capsys.readouterr().err
+    assert main(["train", "--model", "world-flow", "--method", "lpo", "--print-config"]) == 2
+    assert "does not train the world's rectified-flow model" in capsys.readouterr().err

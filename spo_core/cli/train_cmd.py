@@ -164,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     model_path = Path(resolved.model)
     model_hash = sha256_file(model_path) if model_path.is_file() else None
     if is_flow_model_spec(resolved.model):
+        if resolved.offload != "none":
+            raise ConfigError(f"--offload {resolved.offload} is for SD1.5/SDXL models; an SD3/Flux folder keeps its text "
+                              "encoders and VAE on the device (use --mixed-precision bf16 and --gradient-checkpointing)")
         host = FlowTrainingHost(load_flow_model(resolved.model, device, dtype), model_name=model_path.name)
     else:
         backend = DiffusersBackend.from_pretrained(resolved.model, arch=resolved.arch, device=device, dtype=dtype,

@@ -360,7 +360,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # against the targets (SD1.5 SPO <= 10 GB, SDXL <= 24 GB). 8-bit AdamW only where bitsandbytes is.
 _SD15_GPU = dict(mixed_precision="fp16", gradient_checkpointing=True, offload="text_encoders")
 _SDXL_GPU = dict(_SD15_GPU, optimizer="adamw8bit")
-_FLOW_GPU = dict(mixed_precision="bf16", gradient_checkpointing=True, offload="text_encoders")
+_FLOW_GPU = dict(mixed_precision="bf16", gradient_checkpointing=True)  # FlowBackend keeps its text encoders resident
 GPU_TACTICS: dict[str, dict[str, Any]] = {"spo-sd15": _SD15_GPU, "lpo-sd15": _SD15_GPU, "spo-sdxl": _SDXL_GPU,
                                           "lpo-sdxl": _SDXL_GPU, "spo-sd3": _FLOW_GPU, "grpo-sd3": _FLOW_GPU,
                                           "spo-flux": _FLOW_GPU, "grpo-flux": _FLOW_GPU}
