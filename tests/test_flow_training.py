@@ -276,3 +276,27 @@ def test_spo_train_on_world_flow_picks_its_preset_and_refuses_offload(tmp_path, 
     assert "--offload vae is for SD1.5/SDXL models" in capsys.readouterr().err
     assert main(["train", "--model", "world-flow", "--method", "lpo", "--print-config"]) == 2
     assert "does not train the world's rectified-flow model" in capsys.readouterr().err
+
+
+def test_spo_train_on_an_sd3_folder_then_spo_sample_loads_the_lora(tmp_path, capsys):
+    """The command line end to end on a diffusers SD3 folder: GRPO with the grpo-sd3 preset (sizes cut down by flags),
+    then `spo sample --lora` merges the written kohya file into the transformer."""
+    from spo_core.cli import main
+    from spo_core.testing import tiny_sd3_pipeline
+
+    folder = tmp_path / "sd3"
+    tiny_sd3_pipeline().save_pretrained(folder)
+    out = tmp_path / "run"
+    with single_thread():
+        assert main(["train", "--model", str(folder), "--preset", "grpo-sd3", "--prompt-list", "a red apple", "a blue car",
+                     "--scorer", "jpeg_compressibility", "--height", "32", "--width", "32", "--steps", "4",
+                     "--group-size", "2", "--sample-batch-size", "2", "--train-batch-size", "4",
+                     "--gradient-accumulation", "1", "--rank", "2", "--max-steps", "1", "--output-dir", str(out),
+                     "--validate-every", "-1", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "steps: 1" in text
+    lora = out / "spo_lora.safetensors"
+    assert lora.is_file()
+    assert main(["sample", "--model", str(folder), "--prompt", "a red apple", "--steps", "4", "--k", "1", "--lora", str(lora),
+                 "--out", str(tmp_path / "img.png"), "--no-progress"]) == 0
+    assert (tmp_path / "img.png").is_file()
