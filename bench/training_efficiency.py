@@ -5,7 +5,7 @@
 
 Reads the `training` rows of one or more `bench/alignment_bench.py` results (several runs of the same
 world and eval set, e.g. the presets and other learning rates), names each run `method` or
-`method (lr X)` when its settings differ from the first run of that method, and for each gain g finds
+`method (setting value, ...)` by the settings that differ from the first run of that method, and for each gain g finds
 the first stage whose held-out GT gain over the base model reaches g (linear interpolation of
 evaluations between the stage before and that one; the stage's 95% CI printed beside). Prints a table,
 writes OUT.json (runs, per-gain evaluations, peak gain) and OUT.png (GT against evaluations, every run).
@@ -35,7 +35,8 @@ def runs_of(paths: list[Path]) -> tuple[dict[str, dict], dict]:
             settings = record["train_settings"][method]
             name = method
             if method in first_settings and settings != first_settings[method]:
-                name = f"{method} (lr {settings.get('learning_rate')})"
+                changed = [k for k in settings if settings.get(k) != first_settings[method].get(k)]
+                name = f"{method} (" + ", ".join(f"{k} {settings.get(k)}" for k in changed) + ")"
             first_settings.setdefault(method, settings)
             runs[name] = {"rows": rows, "settings": settings, "file": str(path)}
     return runs, base
@@ -67,7 +68,8 @@ def main() -> None:
     runs, base = runs_of(args.results)
     table = {}
     print(f"base GT {base['mean']:.3f}; evaluations (denoiser rows) of training to reach a held-out GT gain:")
-    print("run".ljust(22) + "".join(f"+{g:.2f}".rjust(22) for g in gains) + "   peak gain (at evaluations)")
+    width = max(22, *(len(n) + 2 for n in runs))
+    print("run".ljust(width) + "".join(f"+{g:.2f}".rjust(22) for g in gains) + "   peak gain (at evaluations)")
     for name, run in runs.items():
         cells, reached = [], {}
         for g in gains:
@@ -81,7 +83,7 @@ def main() -> None:
                 cells.append(f"{at / 1e3:,.1f}k [{ci[0]:+.3f},{ci[1]:+.3f}]".rjust(22))
                 reached[str(g)] = {"evaluations": at, "stage_steps": row["steps"], "stage_ci95": ci}
         peak = max(run["rows"], key=lambda r: r["vs_base"]["mean_delta"])
-        print(name.ljust(22) + "".join(cells) + f"   {peak['vs_base']['mean_delta']:+.3f} ({peak['unet_evaluations'] / 1e3:,.0f}k, "
+        print(name.ljust(width) + "".join(cells) + f"   {peak['vs_base']['mean_delta']:+.3f} ({peak['unet_evaluations'] / 1e3:,.0f}k, "
               f"{peak['steps']} steps)")
         table[name] = {"reached": reached, "peak": {"gain": peak["vs_base"]["mean_delta"], "ci95": peak["vs_base"]["ci95"],
                                                      "evaluations": peak["unet_evaluations"], "steps": peak["steps"]},

@@ -77,7 +77,7 @@ class TrainConfig:
                                      "so half of the pools make pairs); default: only for scorers whose scores are not on "
                                      "SPO's scale (jpeg_*, aesthetic)", "sampling")
     max_train_t: float = _f(751.0, "SPO: train transitions whose parent timestep is <= this (SPO: 751; flow models: "
-                            "1000 * sigma, so 751 is sigma <= 0.751, near SPO's window at equal SNR, sigma 0.80)", "sampling")
+                            "1000 * sigma; their presets pool every step, 1000)", "sampling")
     min_train_t: float = _f(0.0, "SPO: ... and >= this", "sampling")
     flow_step: str = _f("sde", "flow models: the stochastic step of the rollouts: sde (Flow-GRPO), cps (coefficients-"
                         "preserving) or rf_ancestral (ComfyUI's euler_ancestral)", "sampling", choices=FLOW_STEPS_TRAINED)
@@ -320,9 +320,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                        beta=0.04, scorer="spm", scorer_weights="world", validation_prompts=["a red circle"]),
     # the world's rectified-flow model (world-flow): 10-step SDE rollouts (Flow-GRPO's denoising reduction),
     # measured in bench/alignment_bench.py --world flow (README)
+    # SPO pools every step on the flow model (t up to 1000): with SPO's t <= 751 it peaked at +0.079, pooling the
+    # high-noise steps too (where a flow model settles composition) reached +0.125 (bench, README)
     "spo-world-flow": dict(method="spo", steps=10, flow_step="sde", noise_level=0.7, learning_rate=3e-3, rank=8, k=4,
-                           sample_batch_size=32, train_batch_size=64, threshold=0.1, beta=100.0, scorer="spm",
-                           scorer_weights="world", validation_prompts=["a red circle"]),
+                           max_train_t=1000.0, sample_batch_size=32, train_batch_size=64, threshold=0.1, beta=100.0,
+                           scorer="spm", scorer_weights="world", validation_prompts=["a red circle"]),
     "grpo-world-flow": dict(method="grpo", steps=10, flow_step="sde", noise_level=0.7, learning_rate=3e-3, rank=8,
                             group_size=8, sample_batch_size=8, train_batch_size=32, beta=0.04, scorer="spm",
                             scorer_weights="world", validation_prompts=["a red circle"]),
@@ -345,13 +347,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                       weight_decay=1e-4, max_grad_norm=1.0, sample_batch_size=2, train_batch_size=8, gradient_accumulation=3,
                       scorer="pickscore", seed=42, validation_prompts=["A beautiful lake"]),
     # SPO on flow models (no published config): SPO's step-wise pairs and loss (k 4, threshold 0.3, beta 10, clamp
-    # 0.1, window t = 1000 sigma <= 751) on Flow-GRPO's rollouts above, with SPO-SDXL's large-model lr 1e-5
+    # 0.1) on Flow-GRPO's rollouts above, every step pooled (t = 1000 sigma up to 1000: on the flow world SPO's own
+    # t <= 751 left out the steps that settle composition), with SPO-SDXL's large-model lr 1e-5
     "spo-sd3": dict(method="spo", steps=10, flow_step="sde", noise_level=0.7, guidance_scale=4.5, height=512, width=512,
-                    k=4, threshold=0.3, beta=10.0, clip_eps=0.1, max_train_t=751.0, rank=32, alpha=64.0, init="gaussian",
+                    k=4, threshold=0.3, beta=10.0, clip_eps=0.1, max_train_t=1000.0, rank=32, alpha=64.0, init="gaussian",
                     targets="attn", learning_rate=1e-5, weight_decay=1e-4, max_grad_norm=1.0, sample_batch_size=4,
                     train_batch_size=4, scorer="pickscore", seed=42, validation_prompts=["A beautiful lake"]),
     "spo-flux": dict(method="spo", steps=6, flow_step="sde", noise_level=0.9, guidance_scale=3.5, height=512, width=512,
-                     k=4, threshold=0.3, beta=10.0, clip_eps=0.1, max_train_t=751.0, rank=32, alpha=64.0, init="gaussian",
+                     k=4, threshold=0.3, beta=10.0, clip_eps=0.1, max_train_t=1000.0, rank=32, alpha=64.0, init="gaussian",
                      targets="attn", learning_rate=1e-5, weight_decay=1e-4, max_grad_norm=1.0, sample_batch_size=4,
                      train_batch_size=4, scorer="pickscore", seed=42, validation_prompts=["A beautiful lake"]),
 }
