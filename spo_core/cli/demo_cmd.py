@@ -42,52 +42,34 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The UNet world's demo, or (--flow) the flow model's: the same flags, each its own config and report."""
     from pathlib import Path
 
     from ..errors import Cancelled
     from ..progress import TqdmProgress
-    from ..world.demo import DemoConfig, report_markdown, run_demo
 
     if args.flow:
-        return run_flow(args)
+        from ..world.flow_demo import FlowDemoConfig as Config, flow_report_markdown as markdown, run_flow_demo as run_it
 
-    kw = {"out": Path(args.output_dir), "method": args.method, "resampler_k": args.k, "seed": args.seed, "threads": args.threads}
+        kw = {"out": Path(args.output_dir if args.output_dir != "spo_demo" else "spo_demo_flow"), "budget": args.k}
+    else:
+        from ..world.demo import DemoConfig as Config, report_markdown as markdown, run_demo as run_it
+
+        kw = {"out": Path(args.output_dir), "resampler_k": args.k}
+    kw.update(method=args.method, seed=args.seed, threads=args.threads)
     if args.max_steps is not None:
         kw["train_steps"] = args.max_steps
     if args.eval_prompts is not None:
         kw["eval_prompts"] = args.eval_prompts
-    cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
+    cfg = Config.quick(**kw) if args.quick else Config(**kw)
     bar = TqdmProgress(disable=args.no_progress, leave=False)
     try:
-        report = run_demo(cfg, progress=bar)
+        report = run_it(cfg, progress=bar)
     except Cancelled as exc:
         print(str(exc))
         return 130
     finally:
         bar.close()
-    print(report_markdown(report))
-    print(f"wrote {cfg.out / 'report.json'}, {cfg.out / 'report.md'} and {report['grid']}")
-    return 0
-
-
-def run_flow(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..progress import TqdmProgress
-    from ..world.flow_demo import FlowDemoConfig, flow_report_markdown, run_flow_demo
-
-    out = Path(args.output_dir if args.output_dir != "spo_demo" else "spo_demo_flow")
-    kw = {"out": out, "budget": args.k, "seed": args.seed, "threads": args.threads, "method": args.method}
-    if args.max_steps is not None:
-        kw["train_steps"] = args.max_steps
-    if args.eval_prompts is not None:
-        kw["eval_prompts"] = args.eval_prompts
-    cfg = FlowDemoConfig.quick(**kw) if args.quick else FlowDemoConfig(**kw)
-    bar = TqdmProgress(disable=args.no_progress, leave=False)
-    try:
-        report = run_flow_demo(cfg, progress=bar)
-    finally:
-        bar.close()
-    print(flow_report_markdown(report))
+    print(markdown(report))
     print(f"wrote {cfg.out / 'report.json'}, {cfg.out / 'report.md'} and {report['grid']}")
     return 0

@@ -204,8 +204,8 @@ class LoRANetwork(nn.Module):
             if len(slots) == 1 and self.infos[slots[0]].shape[0] == host.weight.shape[0]:
                 hook = self._make_hook(self.branches[slots[0]])
             else:
-                hook = self._make_fused_hook([(self.branches[s], self.infos[s].ldm_rows) for s in slots],
-                                             int(host.weight.shape[0]))
+                hook = self._make_hook(_fused_delta([(self.branches[s], self.infos[s].ldm_rows) for s in slots],
+                                                    int(host.weight.shape[0])))
             self._handles.append(host.register_forward_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
@@ -218,7 +218,8 @@ class LoRANetwork(nn.Module):
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def _make_hook(self, branch: LoRABranch) -> Callable:
+    def _make_hook(self, delta_of: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        """A forward hook adding `multiplier * delta_of(input)` to the module's output (nothing at multiplier 0)."""
         net = self
 
         def hook(module, args, kwargs, output):
@@ -226,45 +227,13 @@ class LoRANetwork(nn.Module):
             if m == 0:
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
-            delta = branch(x)
+            delta = delta_of(x)
             if m != 1:
                 delta = delta * m
             return output + delta.to(output.dtype)
 
         return hook
 
-    def _make_fused_hook(self, parts: list[tuple["LoRABranch", tuple]], rows: int) -> Callable:
-        """One module holding several table modules' rows (a fused q/k/v): each part's delta goes to
-        its own row ranges of the output, rows no part trains get zero."""
-        net = self
-
-        def hook(module, args, kwargs, output):
-            m = net.multiplier
-            if m == 0:
-                return None
-            x = args[0] if args else next(iter(kwargs.values()))
-            segments = []
-            for branch, ranges in parts:
-                delta = branch(x)
-                start = 0
-                for a, b in ranges:
-                    segments.append((a, b, delta[..., start:start + b - a]))
-                    start += b - a
-            segments.sort(key=lambda seg: seg[0])
-            pieces, at = [], 0
-            for a, b, piece in segments:
-                if a > at:
-                    pieces.append(piece.new_zeros(*piece.shape[:-1], a - at))
-                pieces.append(piece)
-                at = b
-            if at < rows:
-                pieces.append(pieces[-1].new_zeros(*pieces[-1].shape[:-1], rows - at))
-            delta = torch.cat(pieces, dim=-1)
-            if m != 1:
-                delta = delta * m
-            return output + delta.to(output.dtype)
-
-        return hook
 
     # -- the reference switch ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -352,6 +321,32 @@ class LoRANetwork(nn.Module):
     def factor_state(self) -> dict[str, torch.Tensor]:
         """Parameters keyed by module slot (for checkpoints)."""
         return {k: v.detach() for k, v in self.state_dict().items()}
+
+
+def _fused_delta(parts: list[tuple[LoRABranch, tuple]], rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The delta of one module holding several table modules' rows (a fused q/k/v): each part's delta at its
+    own row ranges of the output, zero for rows no part trains."""
+
+    def delta_of(x: torch.Tensor) -> torch.Tensor:
+        segments = []
+        for branch, ranges in parts:
+            delta = branch(x)
+            start = 0
+            for a, b in ranges:
+                segments.append((a, b, delta[..., start:start + b - a]))
+                start += b - a
+        segments.sort(key=lambda seg: seg[0])
+        pieces, at = [], 0
+        for a, b, piece in segments:
+            if a > at:
+                pieces.append(piece.new_zeros(*piece.shape[:-1], a - at))
+            pieces.append(piece)
+            at = b
+        if at < rows:
+            pieces.append(pieces[-1].new_zeros(*pieces[-1].shape[:-1], rows - at))
+        return torch.cat(pieces, dim=-1)
+
+    return delta_of
 
 
 def _slot(name: str) -> str:

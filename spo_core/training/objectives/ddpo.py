@@ -236,28 +236,40 @@ def trajectory_log_probs(ctx: TrainContext, trajs: list[Trajectory], steps: list
     return out
 
 
+def train_trajectory_steps(ctx: TrainContext, trajs: list[Trajectory], columns: list[list[int]],
+                           loss_fn, reference: bool = False) -> dict[str, float]:
+    """The micro-steps of one optimizer step over trajectories (DDPO's and GRPO's shared loop): for every column
+    of step indices (one per trajectory), re-evaluate those transitions, `loss_fn(out, logp_old, advantages)` ->
+    (loss, stats), backward loss / len(columns); returns the stats averaged, with the mean reward and |advantage|."""
+    n = len(trajs)
+    cond = encode_rows(ctx, [t.prompt for t in trajs])
+    adv = torch.tensor([t.advantage for t in trajs], dtype=torch.float32, device=ctx.device)
+    totals: dict[str, float] = {}
+    for idx in columns:
+        logp_old = torch.stack([t.logp_old[i] for t, i in zip(trajs, idx)]).to(ctx.device)
+        out = trajectory_log_probs(ctx, trajs, idx, cond, reference=reference)
+        loss, stats = loss_fn(out, logp_old, adv)
+        ctx.backward(loss / len(columns))
+        stats["loss"] = float(loss.detach())
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v / len(columns)
+    totals["reward"] = sum(t.reward for t in trajs) / n
+    totals["advantage_abs"] = sum(abs(t.advantage) for t in trajs) / n
+    return totals
+
+
 class DDPOObjective:
     name = "ddpo"
 
     def step(self, ctx: TrainContext, batch: Batch) -> dict[str, float]:
+        """Every trajectory's first int(steps * fraction) steps of its own random order."""
         cfg = ctx.cfg
         trajs: list[Trajectory] = batch.items
-        n = len(trajs)
         steps = trajs[0].x.shape[0]
         n_train = max(1, int(steps * cfg.ddpo_timestep_fraction))
-        perms = torch.stack([torch.randperm(steps, generator=ctx.train_gen) for _ in range(n)])
-        cond = encode_rows(ctx, [t.prompt for t in trajs])
-        adv = torch.tensor([t.advantage for t in trajs], dtype=torch.float32, device=ctx.device)
-        totals: dict[str, float] = {}
-        for j in range(n_train):
-            idx = perms[:, j].tolist()
-            logp_old = torch.stack([t.logp_old[i] for t, i in zip(trajs, idx)]).to(ctx.device)
-            logp = trajectory_log_probs(ctx, trajs, idx, cond)["logp"]
-            loss, stats = ddpo_loss(logp, logp_old, adv, cfg.ddpo_clip_range, cfg.ddpo_adv_clip)
-            ctx.backward(loss / n_train)
-            stats["loss"] = float(loss.detach())
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v / n_train
-        totals["reward"] = sum(t.reward for t in trajs) / n
-        totals["advantage_abs"] = sum(abs(t.advantage) for t in trajs) / n
-        return totals
+        perms = torch.stack([torch.randperm(steps, generator=ctx.train_gen) for _ in trajs])
+
+        def loss_fn(out, logp_old, adv):
+            return ddpo_loss(out["logp"], logp_old, adv, cfg.ddpo_clip_range, cfg.ddpo_adv_clip)
+
+        return train_trajectory_steps(ctx, trajs, [perms[:, j].tolist() for j in range(n_train)], loss_fn)

@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Batch, TrainContext, encode_rows
-from .ddpo import DDPOSource, Trajectory, ddpo_loss, trajectory_log_probs
+from .base import Batch, TrainContext
+from .ddpo import DDPOSource, Trajectory, ddpo_loss, train_trajectory_steps
 
 
 def group_advantages(prompts: list[str], rewards: np.ndarray, global_std: bool = True) -> np.ndarray:
@@ -79,17 +79,12 @@ class GRPOObjective:
     name = "grpo"
 
     def step(self, ctx: TrainContext, batch: Batch) -> dict[str, float]:
+        """The first int(steps * fraction) steps of every trajectory, in order; the KL term when beta > 0."""
         cfg = ctx.cfg
         trajs: list[Trajectory] = batch.items
-        n = len(trajs)
         n_train = max(1, int(trajs[0].x.shape[0] * cfg.grpo_timestep_fraction))
-        cond = encode_rows(ctx, [t.prompt for t in trajs])
-        adv = torch.tensor([t.advantage for t in trajs], dtype=torch.float32, device=ctx.device)
-        totals: dict[str, float] = {}
-        for j in range(n_train):
-            idx = [j] * n
-            logp_old = torch.stack([t.logp_old[j] for t in trajs]).to(ctx.device)
-            out = trajectory_log_probs(ctx, trajs, idx, cond, reference=cfg.beta > 0)
+
+        def loss_fn(out, logp_old, adv):
             loss, stats = ddpo_loss(out["logp"], logp_old, adv, cfg.ddpo_clip_range, cfg.ddpo_adv_clip)
             stats["policy_loss"] = float(loss.detach())
             if cfg.beta > 0:
@@ -99,10 +94,7 @@ class GRPOObjective:
                 kl = kl.mean()
                 loss = loss + cfg.beta * kl
                 stats["kl"] = float(kl.detach())
-            ctx.backward(loss / n_train)
-            stats["loss"] = float(loss.detach())
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v / n_train
-        totals["reward"] = sum(t.reward for t in trajs) / n
-        totals["advantage_abs"] = sum(abs(t.advantage) for t in trajs) / n
-        return totals
+            return loss, stats
+
+        return train_trajectory_steps(ctx, trajs, [[j] * len(trajs) for j in range(n_train)], loss_fn,
+                                      reference=cfg.beta > 0)
