@@ -80,8 +80,9 @@ def comfy_flow_table(base_model) -> ModuleTable:
         model = getattr(diffusers, cls_name).from_config(config)
     built = table_from_transformer(f"custom-{family}", family, model)
     shapes = {k: m.shape for k, m in built.modules.items()}
-    for arch in FLOW_ARCHS:
-        if FAMILY[arch] == family and {k: m.shape for k, m in load_table(arch).modules.items()} == shapes:
+    for arch in FLOW_ARCHS:  # the transformer decides (the shipped tables also list the text encoders)
+        shipped = {k: m.shape for k, m in load_table(arch).modules.items() if k[0] == "transformer"}
+        if FAMILY[arch] == family and shipped == shapes:
             name = type(base_model.model_config).__name__
             if family == "flux" and (arch == "flux-schnell") != (name == "FluxSchnell"):
                 continue  # the same shapes: dev and schnell differ in their guidance embedding only

@@ -26,6 +26,9 @@ SCORER_FOLDER = "spo_scorers"
 _CONFIG_ARCH = {"SD15": "sd15", "SD20": "sd2", "SDXL": "sdxl"}
 _CONTEXT_ARCH = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 _CLIP_ARCH = {"SD1ClipModel": "sd15", "SD2ClipModel": "sd2", "SDXLClipModel": "sdxl"}
+# rectified-flow text encoders (ComfyUI builds subclasses of these per loaded file): family, as SD3.5 medium and
+# large (Flux dev and schnell) share them
+_FLOW_CLIP_FAMILY = {"SD3ClipModel": "sd3", "FluxClipModel": "flux"}
 
 
 # -- which model ---------------------------------------------------------------------------
@@ -56,11 +59,14 @@ def model_arch(model) -> str:
 
 
 def clip_arch(clip) -> str | None:
-    """sd15 / sd2 / sdxl for the stock SD text encoders, None for anything else."""
+    """sd15 / sd2 / sdxl for the stock SD text encoders, sd3 / flux for those of SD3 / Flux, None for anything else."""
     if clip is None:
         return None
     inner = getattr(clip, "cond_stage_model", None)
-    return _CLIP_ARCH.get(type(inner).__name__)
+    exact = _CLIP_ARCH.get(type(inner).__name__)
+    if exact is not None:
+        return exact
+    return next((_FLOW_CLIP_FAMILY[c.__name__] for c in type(inner).__mro__ if c.__name__ in _FLOW_CLIP_FAMILY), None)
 
 
 def is_sdxl(model) -> bool:

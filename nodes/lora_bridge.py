@@ -2,9 +2,10 @@
 checked against the model's own LoRA key map first, and a live MODEL/CLIP as a weight
 source for extraction.
 
-Every module is named as kohya names it (`lora_unet_...`, `lora_te1_...`); a module that
-ComfyUI's key map does not list under that name (e.g. a text-encoder layer outside the
-attention/MLP set) falls back to ComfyUI's generic name (`diffusion_model.<ldm path>`,
+Every module is named as kohya names it (`lora_unet_...`, `lora_te1_...`; SD3 / Flux transformers
+in their original names with q/k/v fused, as `to_webui` writes them, and their T5 as `lora_te3_`);
+a module that ComfyUI's key map does not list under that name (e.g. a text-encoder layer outside
+the attention/MLP set) falls back to ComfyUI's generic name (`diffusion_model.<ldm path>`,
 `text_encoders.clip_l.transformer.<path>`). A module that fits neither, or whose shape differs
 from the model's weight, stops the load before anything is patched: ComfyUI itself would only
 log "lora key not loaded" and apply the rest.
@@ -22,7 +23,8 @@ import torch
 
 from spo_core.errors import LoRAFormatError, ModelMismatchError
 from spo_core.lora import LoRA, ModuleTable, load_table, read_lora, report, to_webui
-from spo_core.lora.naming import kohya_name
+from spo_core.lora.naming import comfy_name, kohya_name, original_kohya_name
+from spo_core.lora.tables import FLOW_FAMILIES
 
 from .host import clip_arch, model_arch
 
@@ -108,73 +110,100 @@ def _key_maps(model, clip) -> tuple[dict[str, str], dict[str, torch.Size]]:
     return key_map, shapes
 
 
-def _generic_name(info, arch: str) -> str | None:
-    if info.component == "unet":
-        return f"diffusion_model.{info.ldm}" if info.ldm else None
-    clip = _TE_CLIP.get((info.component, arch))
-    return f"text_encoders.{clip}.transformer.{info.name}" if clip else None
+def _generic_name(info, family: str) -> str | None:
+    try:
+        return comfy_name(info, family)
+    except ValueError:
+        return None
+
+
+def target_arch(model) -> str:
+    """The architecture of a MODEL as LoRAs name it: sd15/sd2/sdxl/custom-* for UNets, sd35-medium/large,
+    flux-dev/schnell or custom-sd3/flux for ComfyUI's rectified-flow transformers."""
+    from .comfy_training import training_arch
+
+    return training_arch(model)
 
 
 def check_arch(lora: LoRA, model, clip) -> str:
     """Refuse a LoRA made for another base model than the MODEL (and CLIP) it goes into."""
-    arch = model_arch(model) if model is not None else clip_arch(clip)
-    if arch is None:
-        raise ModelMismatchError("this CLIP is not an SD1.5/SD2/SDXL text encoder; connect the checkpoint's CLIP")
-    lora.ensure_arch(arch, what=f"this LoRA ({report(lora).summary_line()})")
     te_arch = clip_arch(clip)
-    if clip is not None and te_arch is not None and te_arch != arch and any(c != "unet" for c in lora.components()):
+    if model is None:
+        if te_arch is None:
+            raise ModelMismatchError("this CLIP is not an SD1.5/SD2/SDXL/SD3/Flux text encoder; connect the checkpoint's CLIP")
+        if te_arch in FLOW_FAMILIES:  # SD3.5 medium and large (Flux dev and schnell) share their text encoders
+            if lora.table.family != te_arch:
+                raise ModelMismatchError(f"this LoRA ({report(lora).summary_line()}) is made for {lora.arch} but the "
+                                         f"CLIP is {te_arch}'s: connect the text encoders of a {lora.arch} model")
+            return lora.arch
+    arch = target_arch(model) if model is not None else te_arch
+    lora.ensure_arch(arch, what=f"this LoRA ({report(lora).summary_line()})")
+    if clip is not None and te_arch is not None and te_arch not in (arch, lora.table.family) \
+            and any(c not in ("unet", "transformer") for c in lora.components()):
         raise ModelMismatchError(f"the CLIP is {te_arch} but the MODEL is {arch}: connect the CLIP of the same checkpoint")
     return arch
+
+
+def _stored_entries(lora: LoRA) -> list[tuple[str, str, str | None, tuple[int, ...], int]]:
+    """(kohya prefix, component, ComfyUI generic name, weight shape, modules) of every weight as `to_webui`
+    stores it: one per module, except an SD3 / Flux transformer's fused q/k/v (one weight, several modules)."""
+    family = lora.table.family
+    infos = {(m.info.component, m.info.name): m.info for m in lora.modules.values()}
+    infos.update({(d.info.component, d.info.name): d.info for d in lora.diffs.values()})
+    out = []
+    fused: dict[str, int] = {}
+    for info in infos.values():
+        if info.component == "transformer":
+            fused[info.ldm] = fused.get(info.ldm, 0) + 1
+            continue
+        out.append((kohya_name(info, family), info.component, _generic_name(info, family), info.shape, 1))
+    for ldm, count in fused.items():
+        weight = lora.table.group(ldm) or lora.table.from_ldm(ldm)
+        out.append((original_kohya_name(ldm), "transformer", f"diffusion_model.{ldm}", tuple(weight.shape), count))
+    return out
 
 
 def comfy_lora(lora: LoRA, model, clip, arch: str) -> ComfyLoRA:
     """Name every module so that ComfyUI's key map of this model/CLIP takes it (see module docstring)."""
     key_map, shapes = _key_maps(model, clip)
     webui = to_webui(lora)
-    family = lora.table.family
     out = ComfyLoRA({})
     dropped_unet = dropped_te = 0
     bad: list[str] = []
-    entries = [(info, "lora") for info in (m.info for m in lora.modules.values())]
-    entries += [(info, "diff") for info in (d.info for d in lora.diffs.values())]
-    for info, _kind in entries:
-        if info.component == "unet" and model is None:
-            dropped_unet += 1
+    for src, component, generic, weight_shape, count in _stored_entries(lora):
+        denoiser = component in ("unet", "transformer")
+        if (model if denoiser else clip) is None:
+            if denoiser:
+                dropped_unet += count
+            else:
+                dropped_te += count
             continue
-        if info.component != "unet" and clip is None:
-            dropped_te += 1
-            continue
-        src = kohya_name(info, family)
-        target_name = None
-        for name in (src, _generic_name(info, arch)):
-            if name is not None and name in key_map:
-                target_name = name
-                break
+        target_name = next((n for n in (src, generic) if n is not None and n in key_map), None)
         if target_name is None:
-            bad.append(f"{info.component}:{info.name} (no weight of this model is called {src})")
+            bad.append(f"{component}:{src} (no weight of this model is called {src})")
             continue
-        weight_key = key_map[target_name]
-        shape = shapes.get(weight_key)
-        if shape is not None and math.prod(shape) != math.prod(info.shape):
-            bad.append(f"{info.component}:{info.name}: LoRA made for weight {list(info.shape)}, model has {list(shape)}")
+        shape = shapes.get(key_map[target_name])
+        if shape is not None and math.prod(shape) != math.prod(weight_shape):
+            bad.append(f"{component}:{src}: LoRA made for weight {list(weight_shape)}, model has {list(shape)}")
             continue
         for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha", ".diff", ".diff_b"):
             t = webui.get(src + suffix)
             if t is not None:
                 out.state_dict[target_name + suffix] = t
-        if info.component == "unet":
-            out.unet_modules += 1
+        if denoiser:
+            out.unet_modules += count
         else:
-            out.te_modules += 1
+            out.te_modules += count
     if bad:
         raise ModelMismatchError(
             f"{len(bad)} modules of this LoRA do not exist in the connected model with the same shape, so ComfyUI "
             "would skip them:\n  " + "\n  ".join(bad[:12]) + (f"\n  ... and {len(bad) - 12} more" if len(bad) > 12 else "")
         )
+    denoiser_name = "transformer" if lora.table.family in FLOW_FAMILIES else "UNet"
     if dropped_te:
         out.notes.append(f"{dropped_te} text-encoder modules not applied: no CLIP is connected")
     if dropped_unet:
-        out.notes.append(f"{dropped_unet} UNet modules not applied: no MODEL is connected")
+        out.notes.append(f"{dropped_unet} {denoiser_name} modules not applied: no MODEL is connected")
     return out
 
 
@@ -195,8 +224,9 @@ def apply_lora(model, clip, lora: LoRA, strength_model: float, strength_clip: fl
     import comfy.sd
 
     new_model, new_clip = comfy.sd.load_lora_for_models(use_model, use_clip, converted.state_dict, strength_model, strength_clip)
+    denoiser_name = "transformer" if lora.table.family in FLOW_FAMILIES else "UNet"
     lines.append(
-        f"applied {converted.unet_modules} UNet modules (strength {strength_model:g})"
+        f"applied {converted.unet_modules} {denoiser_name} modules (strength {strength_model:g})"
         + (f" and {converted.te_modules} text-encoder modules (strength {strength_clip:g})" if use_clip is not None else "")
         + f" to a {arch} model"
     )

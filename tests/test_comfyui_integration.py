@@ -121,6 +121,70 @@ def test_sdxl_lora_on_sd15_model_is_refused(comfy):
     assert model.patches == {}
 
 
+@pytest.mark.parametrize("arch", ["sd35-large", "flux-dev"])
+def test_load_spo_lora_on_real_size_flow_model_and_clip_patches_every_module(comfy, arch):
+    """A diffusers-format SD3.5 / Flux LoRA (split q/k/v, CLIP-L/G and T5 layers too) through the node: every
+    module lands on ComfyUI's own fused weight or text-encoder weight, no "lora key not loaded"."""
+    from comfy_support.harness import meta_flow_model_and_clip
+    from test_lora_flow_formats import random_lora
+    from test_lora_flow_text_encoders import add_text_encoders
+
+    from spo_core.lora import save_lora
+
+    table = load_table(arch)
+    lora = add_text_encoders(random_lora(table, rank=1, first_blocks=True), layers=(0, 11))
+    path = save_lora(lora, comfy.base / "models" / "loras" / f"flow_{arch}.safetensors", fmt="diffusers", overwrite=True)
+    model, clip = meta_flow_model_and_clip(arch)
+    comfy.log.clear()
+    new_model, new_clip, text = run_node_class(comfy.node_class("SPOLoadLoRA"), model=model, clip=clip, lora_name=path.name,
+                                               strength_model=1.0, strength_clip=1.0, allow_partial=False)
+    assert _lora_warnings(comfy) == []
+    transformer = [info for (c, _), m in lora.modules.items() if c == "transformer" for info in [m.info]]
+    assert set(new_model.patches) == {f"diffusion_model.{info.ldm}.weight" for info in transformer}
+    owner = {"te1": "clip_l", "te2": "clip_g", "te3": "t5xxl"}
+    te = [(c, n) for c, n in lora.modules if c != "transformer"]
+    assert set(new_clip.patcher.patches) == {f"{owner[c]}.transformer.{n}.weight" for c, n in te}
+    assert f"applied {len(transformer)} transformer modules" in text and f"and {len(te)} text-encoder modules" in text
+    sd15 = comfy.base / "models" / "loras" / "spo_diffusers_sd15.safetensors"
+    if not sd15.exists():
+        _spo_diffusers_file(sd15, "sd15")
+    with pytest.raises(ModelMismatchError, match=f"made for sd15 but the model is {arch}"):
+        run_node_class(comfy.node_class("SPOLoadLoRA"), model=model, clip=clip, lora_name=sd15.name,
+                       strength_model=1.0, strength_clip=1.0, allow_partial=True)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_load_spo_lora_on_a_flow_model_patches_as_the_stock_loader(comfy, kind):
+    """On ComfyUI's own SD3 / Flux MODEL with real weights: the node given our diffusers file (split q/k/v) patches
+    the same weights, to the same values, as the stock LoraLoaderModelOnly given our kohya file."""
+    from comfy_support.harness import tiny_flux_model, tiny_sd3_model
+    from test_lora_flow_formats import random_lora
+
+    from spo_core.lora import save_lora
+
+    training = sys.modules[comfy.pack_module + ".nodes.comfy_training"]
+    make = tiny_sd3_model if kind == "sd3" else tiny_flux_model
+    table = training.comfy_flow_table(make(0).model)
+    lora = random_lora(table, rank=2, alpha=1.0, seed=3)
+    loras = comfy.base / "models" / "loras"
+    save_lora(lora, loras / f"tiny_{kind}_split.safetensors", fmt="diffusers", overwrite=True)
+    save_lora(lora, loras / f"tiny_{kind}_kohya.safetensors", fmt="webui", overwrite=True)
+    comfy.log.clear()
+    ours, _, text = run_node_class(comfy.node_class("SPOLoadLoRA"), model=make(0), lora_name=f"tiny_{kind}_split.safetensors",
+                                   strength_model=0.7, strength_clip=1.0, allow_partial=False)
+    stock, = run_node_class(comfy.node_class("LoraLoaderModelOnly"), model=make(0), lora_name=f"tiny_{kind}_kohya.safetensors",
+                            strength_model=0.7)
+    assert _lora_warnings(comfy) == [] and set(ours.patches) == set(stock.patches) and ours.patches
+    assert f"applied {len(lora.modules)} transformer modules" in text
+    states = []
+    for patcher in (ours, stock):
+        patcher.patch_model()
+        states.append({k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()})
+        patcher.unpatch_model()
+    for k, v in states[1].items():
+        torch.testing.assert_close(states[0][k], v, rtol=1e-5, atol=1e-6)
+
+
 def test_converted_lora_loads_in_the_stock_lora_loader_without_warnings(comfy):
     src = comfy.base / "models" / "loras" / "spo_diffusers_sdxl.safetensors"
     if not src.exists():

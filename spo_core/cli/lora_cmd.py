@@ -61,6 +61,9 @@ def register(sub) -> None:
     m.add_argument("--lora", required=True)
     m.add_argument("--strength", type=float, default=1.0)
     m.add_argument("--allow-partial", action="store_true")
+    m.add_argument("--only", metavar="COMPONENTS", help="merge only these components of the LoRA, comma-separated: "
+                   "unet, transformer, te1 (CLIP-L), te2 (CLIP-G), te3 (T5-XXL); e.g. a Flux LoRA's transformer "
+                   "part into a transformer-only checkpoint")
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("output")
     m.set_defaults(handler=_merge)
@@ -178,6 +181,8 @@ def _merge(args: argparse.Namespace) -> int:
     check_output_path(out, [args.checkpoint, args.lora], folder=_is_dir(args.checkpoint))
     lora = read_lora(args.lora)
     lora.require_clean(allow_partial=args.allow_partial, what=args.lora)
+    if args.only:
+        lora = lora.only(c.strip() for c in args.only.split(",") if c.strip())
     bar = TqdmProgress()
     try:
         out = merge_into_checkpoint(args.checkpoint, lora, args.output, strength=args.strength, overwrite=args.overwrite,

@@ -198,6 +198,22 @@ def load_sampling_backend(args: argparse.Namespace):
                                             loading_bars=not args.no_progress)
 
 
+def flow_lora_targets(backend, family: str) -> dict:
+    """A flow model's modules by LoRA component: its transformer and, for a diffusers pipeline, the
+    text encoders under the pipeline attribute of each (Flux's T5 is `text_encoder_2`)."""
+    from ..lora.naming import diffusers_folder
+    from ..lora.tables import TE_FOLDERS
+
+    targets = {"transformer": backend.transformer}
+    pipe = getattr(backend, "pipe", None)
+    if pipe is not None:
+        for comp in TE_FOLDERS.get(family, {}).values():
+            module = getattr(pipe, diffusers_folder(comp, family), None)
+            if module is not None:
+                targets[comp] = module
+    return targets
+
+
 def _merge_lora(backend, spec: str) -> None:
     from ..lora import merge_into_modules, read_lora
 
@@ -211,7 +227,12 @@ def _merge_lora(backend, spec: str) -> None:
     lora = read_lora(path, arch=backend.module_table())
     lora.require_clean(what=path)
     if getattr(backend, "is_flow", False):
-        merge_into_modules({"transformer": backend.transformer}, lora, strength)
+        targets = flow_lora_targets(backend, lora.table.family)
+        left = [c for c in lora.components() if c not in targets]
+        if left:
+            raise ConfigError(f"{path}: this model has no {', '.join(left)} to apply the LoRA's modules of that "
+                              "component to (a pipeline loaded without that text encoder)")
+        merge_into_modules(targets, lora, strength)
         return
     pipe = backend.pipe
     merge_into_modules({"unet": pipe.unet, "te1": pipe.text_encoder, "te2": getattr(pipe, "text_encoder_2", None)}, lora, strength)

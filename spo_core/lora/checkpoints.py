@@ -28,7 +28,7 @@ import torch
 
 from ..errors import CorruptFileError, ModelMismatchError
 from ..safe_io import _ST_TO_DTYPE, check_exists, is_safetensors, load_pickle_weights_only, open_safetensors
-from .tables import ALL_ARCHS, FLOW_ARCHS, ModuleTable, canonical_te_name, load_table
+from .tables import ALL_ARCHS, COMPONENTS, FLOW_ARCHS, ModuleTable, canonical_te_name, load_table
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ _TE_PREFIXES = {  # single-file prefix -> (component, style)
     "cond_stage_model.model.": ("te1", "openclip"),
     "conditioner.embedders.0.transformer.": ("te1", "hf"),
     "conditioner.embedders.1.model.": ("te2", "openclip"),
+    # SD3 single files that carry their text encoders (ComfyUI's names)
+    "text_encoders.clip_l.transformer.": ("te1", "hf"),
+    "text_encoders.clip_g.transformer.": ("te2", "hf"),
+    "text_encoders.t5xxl.transformer.": ("te3", "t5"),
 }
 _OPENCLIP_RENAMES = {
     "attn.out_proj": "self_attn.out_proj",
@@ -124,6 +128,17 @@ def _component_files(folder: Path, sub: str) -> list[Path]:
     return []
 
 
+def _is_t5_folder(folder: Path) -> bool:
+    """A text-encoder subfolder holding T5 (Flux's text_encoder_2, SD3's text_encoder_3)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "t5"
+    except (OSError, ValueError):
+        return False
+
+
 class CheckpointReader:
     """Weights of a full SD model by canonical (component, module) name; see the module docstring."""
 
@@ -144,11 +159,15 @@ class CheckpointReader:
     # -- indexing -------------------------------------------------------------------------
     def _index_folder(self) -> None:
         found = False
-        for sub, comp in (("unet", "unet"), ("transformer", "transformer"), ("text_encoder", "te1"), ("text_encoder_2", "te2")):
+        for sub, comp in (("unet", "unet"), ("transformer", "transformer"), ("text_encoder", "te1"), ("text_encoder_2", "te2"),
+                          ("text_encoder_3", "te3")):
+            t5 = _is_t5_folder(self.path / sub)
+            comp = "te3" if t5 else comp  # Flux's text_encoder_2 is T5
             for f in _component_files(self.path, sub):
                 found = True
                 for key in self.files.keys(str(f)):
-                    self._add(comp, key if comp in ("unet", "transformer") else canonical_te_name(key), str(f), key, style="diffusers")
+                    name = key if comp in ("unet", "transformer") or t5 else canonical_te_name(key)
+                    self._add(comp, name, str(f), key, style="diffusers")
         if not found:
             raise CorruptFileError(f"{self.path} is a folder but not a diffusers model (no unet/, transformer/ or text_encoder/ weights)")
 
@@ -187,6 +206,9 @@ class CheckpointReader:
             self.biases[(comp, module)] = Location(file, key)
 
     def _add_te(self, comp: str, style: str, sub_key: str, file: str, key: str) -> None:
+        if style == "t5":
+            self._add(comp, sub_key, file, key, style)
+            return
         if style == "hf":
             self._add(comp, canonical_te_name(sub_key), file, key, style)
             return
@@ -263,8 +285,8 @@ class CheckpointReader:
         if not have_diffusers and not any(k.startswith(_ORIGINAL_FLOW_HEADS) for k in ldm):
             return None
         for arch in FLOW_ARCHS:
-            table = load_table(arch)
-            if all(self._fits_module(table, info) for info in table.modules.values()):
+            table = load_table(arch)  # the transformer decides; text encoders are optional in these files
+            if all(self._fits_module(table, info) for info in table.modules.values() if info.component == "transformer"):
                 return table
         if self.path.is_dir():
             return load_table(FLOW_ARCHS[0])  # a custom transformer folder: its own table is built from its config
@@ -324,7 +346,7 @@ class CheckpointReader:
         return (component, name) in self.locations
 
     def components(self) -> list[str]:
-        return sorted({c for c, _ in self.locations}, key=("unet", "transformer", "te1", "te2").index)
+        return sorted({c for c, _ in self.locations}, key=COMPONENTS.index)
 
     def _read(self, loc: Location) -> torch.Tensor:
         t = self.files.get(loc.file, loc.key)

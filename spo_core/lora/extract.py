@@ -21,7 +21,7 @@ import torch
 from ..errors import ConfigError, ModelMismatchError
 from ..progress import CancelFn, ProgressFn, Reporter
 from .model import LoRA, LoRAModule
-from .tables import ModuleInfo, ModuleTable
+from .tables import TEXT_ENCODERS, ModuleInfo, ModuleTable
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def extract_lora(
     if conv_rank:
         groups |= {"resnet", "conv"}
     targets: list[ModuleInfo] = [m for m in table.select((table.denoiser,), groups) if m.kind != "conv" or m.shape[2] == 1 or conv_rank]
-    te_targets = [m for m in table.select(("te1", "te2")) if m.kind == "linear" and m.name != "text_projection"]
+    te_targets = [m for m in table.select(TEXT_ENCODERS) if m.kind == "linear" and m.name != "text_projection"]
 
     include_te = text_encoders is True
     if text_encoders == "auto" and te_targets:

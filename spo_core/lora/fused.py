@@ -130,10 +130,13 @@ def _group_of(lora: LoRA, info: ModuleInfo) -> FusedGroup:
 
 
 def to_original_layout(lora: LoRA) -> list[StoredModule]:
-    """Every LoRA module under its original name, fused parts fused (flow archs' kohya/ComfyUI layout)."""
+    """Every transformer module under its original name, fused parts fused (flow archs' kohya/ComfyUI layout;
+    the text encoders keep one name per module and are written by the caller)."""
     out: list[StoredModule] = []
     grouped: dict[str, list[LoRAModule]] = {}
     for m in lora.modules.values():
+        if m.info.component != "transformer":
+            continue
         if m.info.ldm is None:
             raise LoRAFormatError(f"module {m.info.component}:{m.info.name} has no original ({lora.table.family}) name; "
                                   "write this LoRA as diffusers or peft")
@@ -151,6 +154,8 @@ def diffs_original_layout(lora: LoRA) -> list[tuple[str, torch.Tensor | None, to
     out = []
     grouped: dict[str, list[DiffModule]] = {}
     for d in lora.diffs.values():
+        if d.info.component != "transformer":
+            continue
         if d.info.ldm is None:
             raise LoRAFormatError(f"module {d.info.component}:{d.info.name} has no original name; write it as diffusers")
         if d.info.ldm_rows is None:

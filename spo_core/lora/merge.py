@@ -23,7 +23,7 @@ from ..safe_io import (SAFETENSORS_SUFFIXES, LazyTensor, atomic_folder, atomic_o
                        name_list, read_safetensors_header, save_safetensors_lazy)
 from .checkpoints import CheckpointReader, Location, raw_keys
 from .model import LoRA
-from .tables import ALL_ARCHS, DENOISERS, live_te_name
+from .tables import ALL_ARCHS, COMPONENT_NAMES, COMPONENTS, DENOISERS, live_te_name
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,14 @@ def _edits(reader: CheckpointReader, lora: LoRA, strength: float) -> dict[tuple[
                 continue
             edits[(loc.file, loc.key)].append((loc, lambda t=t: t.float() * strength))
     if missing:
+        held = set(reader.components())
+        absent = sorted({m.split(":")[0] for m in missing} - held, key=COMPONENTS.index)
+        if absent:
+            counts = ", ".join(f"{c} ({COMPONENT_NAMES.get(c, c)}): {sum(m.startswith(c + ':') for m in missing)} modules"
+                               for c in absent)
+            raise ModelMismatchError(
+                f"the LoRA also changes {counts}, which {reader.path} does not hold (it has {', '.join(sorted(held))}); "
+                f"merge the rest with --only {','.join(c for c in lora.components() if c in held)}")
         raise ModelMismatchError(f"{len(missing)} LoRA modules are not in {reader.path}: {', '.join(missing[:8])}")
     return edits
 

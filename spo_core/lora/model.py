@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 
-from ..errors import LoRAFormatError, ModelMismatchError
-from .tables import ModuleInfo, ModuleTable
+from ..errors import ConfigError, LoRAFormatError, ModelMismatchError
+from .tables import COMPONENTS, ModuleInfo, ModuleTable
 
 
 @dataclass
@@ -77,7 +78,7 @@ class LoRA:
 
     def components(self) -> list[str]:
         comps = {c for c, _ in self.modules} | {c for c, _ in self.diffs}
-        return [c for c in ("unet", "transformer", "te1", "te2") if c in comps]
+        return [c for c in COMPONENTS if c in comps]
 
     def numel(self) -> int:
         return sum(m.numel() for m in self.modules.values()) + sum(
@@ -108,6 +109,18 @@ class LoRA:
                 f"{what} is made for {self.arch} but the model is {model_arch}: its layers have other "
                 f"names and sizes, so it cannot be applied. Use a LoRA trained for {model_arch}."
             )
+
+    def only(self, components: Iterable[str]) -> "LoRA":
+        """A copy holding only the modules of `components` (e.g. a Flux LoRA's transformer part, for a
+        transformer-only checkpoint); an unknown or absent component is refused by name."""
+        keep = list(components)
+        unknown = [c for c in keep if c not in self.components()]
+        if unknown:
+            raise ConfigError(f"this LoRA has no {', '.join(unknown)} modules; it has {', '.join(self.components())}")
+        out = LoRA(self.table, metadata=dict(self.metadata), source_format=self.source_format)
+        out.modules = {k: m for k, m in self.modules.items() if k[0] in keep}
+        out.diffs = {k: d for k, d in self.diffs.items() if k[0] in keep}
+        return out
 
     def scaled(self, factor: float) -> "LoRA":
         """A copy whose every delta is multiplied by `factor` (scales alpha; diffs scaled)."""

@@ -13,7 +13,9 @@ and LDM name `input_blocks.1.1.transformer_blocks.0.attn1.to_q` a file may call 
 | LyCORIS (ST)      | lycoris_down_blocks_0_..._to_q                                       |
 
 and the tensor suffixes of `SUFFIXES`. Text encoders use `lora_te_`, `lora_te1_`, `lora_te2_`,
-`text_encoder.`, `text_encoder_2.` and `text_encoders.clip_{l,g,h}.transformer.`.
+`text_encoder.`, `text_encoder_2.` and `text_encoders.clip_{l,g,h}.transformer.`; SD3 / Flux add
+T5-XXL as kohya's `lora_te3_` (OneTrainer's Flux files: `lora_te2_`), diffusers' `text_encoder_3.`
+(SD3) / `text_encoder_2.` (Flux) and ComfyUI's `text_encoders.t5xxl.transformer.`.
 
 A Flux / SD3 transformer module (`transformer_blocks.0.attn.to_q`) may be stored under its
 diffusers name (`transformer.`, PEFT `base_model.model.`, OneTrainer `lora_transformer_`,
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .tables import FusedGroup, ModuleInfo, ModuleTable
+from .tables import FLOW_FAMILIES, TE_FOLDERS, FusedGroup, ModuleInfo, ModuleTable
 
 # tensor suffix -> (part, scheme); checked longest first
 SUFFIXES: dict[str, tuple[str, str]] = {
@@ -79,8 +81,8 @@ def kohya_name(m: ModuleInfo, family: str) -> str:
     if m.component == "unet":
         base = m.ldm if (family == "sdxl" and m.ldm) else m.name
         return "lora_unet_" + flatten(base)
-    if family == "sdxl":
-        return ("lora_te1_" if m.component == "te1" else "lora_te2_") + flatten(m.name)
+    if family == "sdxl" or family in FLOW_FAMILIES:
+        return f"lora_{m.component}_" + flatten(m.name)  # lora_te1_ / lora_te2_ / lora_te3_
     return "lora_te_" + flatten(m.name)
 
 
@@ -95,14 +97,25 @@ def comfy_name(m: ModuleInfo, family: str) -> str:
         if m.ldm is None:
             raise ValueError(f"{m.component}:{m.name} has no LDM/original name")
         return "diffusion_model." + m.ldm
-    if m.component == "te1":
-        return f"text_encoders.{'clip_h' if family == 'sd2' else 'clip_l'}.transformer." + m.name
-    return "text_encoders.clip_g.transformer." + m.name
+    return f"text_encoders.{comfy_clip(m.component, family)}.transformer." + m.name
 
 
-def diffusers_prefix(m: ModuleInfo) -> str:
-    return {"unet": "unet.", "transformer": "transformer.", "te1": "text_encoder.",
-            "te2": "text_encoder_2."}[m.component] + m.name
+def comfy_clip(component: str, family: str) -> str:
+    """ComfyUI's name of a text encoder inside its CLIP object (`clip_l`, `clip_h`, `clip_g`, `t5xxl`)."""
+    if component == "te1":
+        return "clip_h" if family == "sd2" else "clip_l"
+    return "clip_g" if component == "te2" else "t5xxl"
+
+
+def diffusers_folder(component: str, family: str) -> str:
+    """The pipeline attribute / subfolder of a component: `unet`, `transformer`, `text_encoder`, ..."""
+    if component in ("unet", "transformer"):
+        return component
+    return next(folder for folder, comp in TE_FOLDERS[family].items() if comp == component)
+
+
+def diffusers_prefix(m: ModuleInfo, family: str) -> str:
+    return f"{diffusers_folder(m.component, family)}.{m.name}"
 
 
 def _processor_name(name: str) -> str | None:
@@ -112,6 +125,14 @@ def _processor_name(name: str) -> str | None:
             return name[: -len(proj)] + "processor." + proj
     if name.endswith(".to_out.0"):
         return name[: -len("to_out.0")] + "processor.to_out"
+    return None
+
+
+def _old_clip_attention_name(name: str) -> str | None:
+    """self_attn.q_proj -> self_attn.to_q (diffusers' old text-encoder LoRA names; its kohya converter still writes them)."""
+    for new, old in (("q_proj", "to_q"), ("k_proj", "to_k"), ("v_proj", "to_v"), ("out_proj", "to_out")):
+        if name.endswith(".self_attn." + new):
+            return name[: -len(new)] + old
     return None
 
 
@@ -137,13 +158,17 @@ def aliases(m: ModuleInfo, family: str) -> list[str]:
             out += [proc, "unet." + proc]
         return out
     flat = flatten(n)
-    if m.component == "te1":
-        out = ["lora_te1_" + flat, "lora_te_" + flat, "text_encoder." + n, "text_encoder.base_model.model." + n]
-        clip = "clip_h" if family == "sd2" else "clip_l"
-        out.append(f"text_encoders.{clip}.transformer." + n)
-        return out
-    return ["lora_te2_" + flat, "text_encoder_2." + n, "text_encoder_2.base_model.model." + n,
-            "text_encoders.clip_g.transformer." + n]
+    folder = diffusers_folder(m.component, family)
+    out = [f"lora_{m.component}_" + flat, f"{folder}.{n}", f"{folder}.base_model.model.{n}",
+           f"text_encoders.{comfy_clip(m.component, family)}.transformer.{n}"]
+    old = _old_clip_attention_name(n) if m.component in ("te1", "te2") else None
+    if old:
+        out.append(f"{folder}.{old}")  # diffusers' old CLIP attention-processor LoRA (`to_q_lora.down.weight`)
+    if m.component == "te1" and family not in FLOW_FAMILIES:
+        out.append("lora_te_" + flat)  # SD1/SD2 kohya (and ComfyUI's alias for SDXL's CLIP-L)
+    if m.component == "te3" and family == "flux":
+        out.append("lora_te2_" + flat)  # OneTrainer's Flux files number T5 second, as ComfyUI reads them
+    return out
 
 
 def original_aliases(ldm: str) -> list[str]:

@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-PEFT_SUBFOLDERS = {"": "unet", "unet": "unet", "transformer": "transformer", "text_encoder": "te1", "text_encoder_2": "te2"}
+# subfolder -> component; a Flux adapter's text_encoder_2 (T5) is moved to te3 once the table is known
+PEFT_SUBFOLDERS = {"": "unet", "unet": "unet", "transformer": "transformer", "text_encoder": "te1", "text_encoder_2": "te2",
+                   "text_encoder_3": "te3"}
 # first path parts of a Flux/SD3 transformer's modules: a root PEFT adapter holding them is a transformer's
 _TRANSFORMER_HEADS = ("transformer_blocks.", "single_transformer_blocks.", "time_text_embed.", "context_embedder.",
                       "x_embedder.", "pos_embed.", "norm_out.", "proj_out.")
@@ -78,7 +80,7 @@ def _load_peft_folder(folder: Path):
         if sub == "":
             comp = _root_component(part)
         configs[comp] = json.loads(cfg.read_text())
-        prefix = {"unet": "unet.", "transformer": "transformer.", "te1": "text_encoder.", "te2": "text_encoder_2."}[comp]
+        prefix = (sub or comp) + "."  # unet. / transformer. / text_encoder*. as diffusers names them
         for k, v in part.items():
             key = k[len("base_model.model."):] if k.startswith("base_model.model.") else k
             sd[prefix + key] = v
@@ -240,6 +242,8 @@ def read_lora(
         elif rank == best[0] and fitting:
             ties.append(table.arch)
     (fitting, matched, _), table, parts, unmatched, labels, twice = best
+    if table.family == "flux" and "te2" in peft_configs:  # Flux's second text encoder is T5
+        peft_configs["te3"] = peft_configs.pop("te2")
     if arch is not None and fitting == 0 and table.arch in ALL_ARCHS:
         _refuse_other_arch(sd, meta, table, name)
     algorithms = unsupported_algorithms(sd)

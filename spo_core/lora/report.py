@@ -10,7 +10,7 @@ from pathlib import Path
 from .model import LoRA
 from .read import metadata_arch
 
-_BLOCK_ORDER = ("top", "down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks", "te1", "te2")
+_BLOCK_ORDER = ("top", "down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks", "te1", "te2", "te3")
 _SHOWN_METADATA = ("ss_output_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
                    "modelspec.architecture", "modelspec.title", "ss_sd_model_name", "spo_method", "spo_base_model_hash")
 

@@ -17,7 +17,9 @@ own single-file converter.
 Flux.1 and SD3.5 transformers (component `transformer`) are built the same way from their
 diffusers configs; their original names (BFL / MMDiT, `flow_names.py`) fuse q/k/v (and Flux's
 single-block MLP input) into one weight, so a module may carry the row ranges it occupies in
-that fused weight (`ldm_rows`), and the table groups such parts (`FusedGroup`).
+that fused weight (`ldm_rows`), and the table groups such parts (`FusedGroup`). Their text
+encoders are numbered as kohya sd-scripts numbers them: te1 CLIP-L, te2 CLIP-G (SD3 only),
+te3 T5-XXL (diffusers' `text_encoder_3` in SD3, `text_encoder_2` in Flux).
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ ALL_ARCHS = KNOWN_ARCHS + FLOW_ARCHS
 FAMILY = {"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3",
           "flux-dev": "flux", "flux-schnell": "flux"}
 FLOW_FAMILIES = ("sd3", "flux")
-COMPONENTS = ("unet", "transformer", "te1", "te2")
+COMPONENTS = ("unet", "transformer", "te1", "te2", "te3")
+TEXT_ENCODERS = ("te1", "te2", "te3")  # CLIP-L (SD2: OpenCLIP-H), CLIP-G, T5-XXL
+COMPONENT_NAMES = {"unet": "UNet", "transformer": "transformer", "te1": "CLIP-L", "te2": "CLIP-G", "te3": "T5-XXL"}
+# diffusers pipeline subfolder -> component, per family (Flux's T5 is its second text encoder)
+TE_FOLDERS = {"sd1": {"text_encoder": "te1"}, "sd2": {"text_encoder": "te1"},
+              "sdxl": {"text_encoder": "te1", "text_encoder_2": "te2"},
+              "sd3": {"text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3"},
+              "flux": {"text_encoder": "te1", "text_encoder_2": "te3"}}
 DENOISERS = ("unet", "transformer")
 _TRANSFORMER_CLASSES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 
@@ -72,7 +81,7 @@ _TOP_TO_LDM = {
 class ModuleInfo:
     """One weight-carrying module. `shape` is the weight's shape: [out, in] or [out, in, kh, kw] or [C]."""
 
-    component: str  # "unet", "transformer", "te1" or "te2"
+    component: str  # "unet", "transformer", "te1", "te2" or "te3"
     name: str  # canonical diffusers/transformers module path
     kind: str  # "linear", "conv" or "norm"
     shape: tuple[int, ...]
@@ -226,7 +235,7 @@ class ModuleTable:
         comps, grps = set(components), set(groups) if groups is not None else None
         return [
             m for m in self.modules.values()
-            if m.component in comps and m.kind in kinds and (grps is None or m.group in grps or (m.component in ("te1", "te2") and "te" in grps))
+            if m.component in comps and m.kind in kinds and (grps is None or m.group in grps or (m.component in TEXT_ENCODERS and "te" in grps))
         ]
 
     @property
@@ -347,7 +356,7 @@ def scan_modules(root: torch.nn.Module, component: str, ldm_prefixes: dict[str, 
         if kind is None or not name:
             continue
         ldm = unet_to_ldm(name, ldm_prefixes) if ldm_prefixes is not None else None
-        if component in ("te1", "te2"):
+        if component in ("te1", "te2"):  # CLIP; T5 (te3) names are the same in every file
             name = canonical_te_name(name)
         out[(component, name)] = ModuleInfo(component, name, kind, tuple(module.weight.shape), ldm)
     return out
@@ -380,8 +389,10 @@ def table_from_models(arch: str, family: str, unet: torch.nn.Module | None, unet
     return ModuleTable(arch, family, modules)
 
 
-def table_from_transformer(arch: str, family: str, transformer: torch.nn.Module) -> ModuleTable:
-    """A table for a diffusers Flux / SD3 transformer (live, meta or tiny), with original names."""
+def table_from_transformer(arch: str, family: str, transformer: torch.nn.Module,
+                           text_encoders: dict[str, torch.nn.Module] | None = None) -> ModuleTable:
+    """A table for a diffusers Flux / SD3 transformer (live, meta or tiny), with original names, and its
+    text encoders by component (te1 / te2 / te3) when given."""
     from .flow_names import original_names
 
     modules = scan_modules(transformer, "transformer")
@@ -391,6 +402,9 @@ def table_from_transformer(arch: str, family: str, transformer: torch.nn.Module)
         if info.name in names:
             ldm, rows = names[info.name]
             modules[key] = replace(info, ldm=ldm, ldm_rows=rows)
+    for comp, te in (text_encoders or {}).items():
+        if te is not None:
+            modules.update(scan_modules(te, comp))
     return ModuleTable(arch, family, modules)
 
 
@@ -399,7 +413,8 @@ def table_for_pipeline(pipe, arch: str | None = None) -> ModuleTable:
     transformer = getattr(pipe, "transformer", None)
     if transformer is not None and type(transformer).__name__ in _TRANSFORMER_CLASSES:
         family = _TRANSFORMER_CLASSES[type(transformer).__name__]
-        return table_from_transformer(arch or f"custom-{family}", family, transformer)
+        tes = {comp: getattr(pipe, folder, None) for folder, comp in TE_FOLDERS[family].items()}
+        return table_from_transformer(arch or f"custom-{family}", family, transformer, tes)
     family = "sdxl" if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time" else "sd1"
     tes = [getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]
     return table_from_models(arch or f"custom-{family}", family, pipe.unet, dict(pipe.unet.config), [t for t in tes if t is not None])
@@ -411,9 +426,9 @@ def build_table(arch: str) -> ModuleTable:
 
 
 def table_from_config_folder(folder: Path, arch: str | None = None, family: str | None = None) -> ModuleTable:
-    """The table of a diffusers model folder (its unet/ and text_encoder*/ configs, or its
-    transformer/ config, built on `meta`): how custom and tiny models get exact names and shapes
-    without loading a weight. Flux/SD3 text encoders are left out (transformer LoRAs only)."""
+    """The table of a diffusers model folder (its unet/ or transformer/ config and its text_encoder*/
+    configs, built on `meta`): how custom and tiny models get exact names and shapes without loading
+    a weight."""
     from ..errors import require
 
     diffusers = require("diffusers", "building module tables", "diffusers")
@@ -428,23 +443,35 @@ def table_from_config_folder(folder: Path, arch: str | None = None, family: str 
         family = family or _TRANSFORMER_CLASSES[cls_name]
         with torch.device("meta"):
             model = getattr(diffusers, cls_name).from_config(config)
-        return table_from_transformer(arch or f"custom-{family}", family, model)
-    transformers = require("transformers", "building module tables", "scorers")
+        return table_from_transformer(arch or f"custom-{family}", family, model, _meta_text_encoders(folder, family))
     with open(folder / "unet" / "config.json") as f:
         unet_config = json.load(f)
-    tes = []
-    for comp, cls in (("text_encoder", transformers.CLIPTextModel), ("text_encoder_2", transformers.CLIPTextModelWithProjection)):
-        path = folder / comp / "config.json"
-        if path.is_file():
-            with open(path) as f:
-                cfg = {k: v for k, v in json.load(f).items() if k not in ("architectures", "model_type", "torch_dtype")}
-            with torch.device("meta"):
-                tes.append(cls(transformers.CLIPTextConfig(**cfg)))
-    with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel.from_config(unet_config)
     if family is None:
         family = "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd1"
-    return table_from_models(arch or f"custom-{family}", family, unet, unet_config, tes)
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(unet_config)
+    tes = _meta_text_encoders(folder, family)
+    return table_from_models(arch or f"custom-{family}", family, unet, unet_config, [tes.get("te1"), tes.get("te2")])
+
+
+def _meta_text_encoders(folder: Path, family: str) -> dict[str, torch.nn.Module]:
+    """The folder's text encoders (CLIP with or without projection, T5 encoder) on `meta`, by component."""
+    from ..errors import require
+
+    transformers = require("transformers", "building module tables", "scorers")
+    out = {}
+    for sub, comp in TE_FOLDERS.get(family, {}).items():
+        path = folder / sub / "config.json"
+        if not path.is_file():
+            continue
+        with open(path) as f:
+            raw = json.load(f)
+        cls_name = (raw.get("architectures") or ["CLIPTextModel"])[0]
+        cfg = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "torch_dtype")}
+        config = transformers.T5Config(**cfg) if cls_name == "T5EncoderModel" else transformers.CLIPTextConfig(**cfg)
+        with torch.device("meta"):
+            out[comp] = getattr(transformers, cls_name)(config)
+    return out
 
 
 @functools.lru_cache(maxsize=None)

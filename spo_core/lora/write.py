@@ -4,14 +4,16 @@
   diffusers-style block names for SD1/SD2 and LDM-style for SDXL (as kohya writes them), an
   `alpha` per module, and kohya `ss_*` plus `modelspec.*` metadata so that both A1111 and Forge
   detect the base model. Loads in ComfyUI, the WebUI and diffusers. Flux / SD3: kohya
-  sd-scripts' names, the original (BFL / MMDiT) ones with q/k/v fused (`fused.py`).
+  sd-scripts' names, the original (BFL / MMDiT) ones with q/k/v fused (`fused.py`), and
+  `lora_te1_` (CLIP-L) / `lora_te2_` (CLIP-G) / `lora_te3_` (T5-XXL) for their text encoders.
 - comfy: ComfyUI's generic keys, `diffusion_model.<LDM/original name>.lora_down.weight` (+ alpha),
-  text encoders under `text_encoders.clip_*.transformer.`.
+  text encoders under `text_encoders.clip_*.transformer.` (T5: `text_encoders.t5xxl.transformer.`).
 - diffusers: `unet.<path>.lora.down.weight` / `text_encoder.<path>...` as diffusers'
   `save_lora_weights` writes; the alpha/rank scale is baked into `up` (that format has no alpha).
   Flux / SD3: `transformer.<path>.lora_A.weight` / `lora_B.weight`, q/k/v split.
 - peft: a folder per component (`adapter_config.json` + `adapter_model.safetensors`, text
-  encoders in `text_encoder/`, `text_encoder_2/`), loadable with `PeftModel.from_pretrained`.
+  encoders in the pipeline's subfolder names: `text_encoder/`, `text_encoder_2/`, `text_encoder_3/`),
+  loadable with `PeftModel.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..errors import ConfigError, InvalidTensorError, LoRAFormatError
 from ..safe_io import atomic_folder, name_list, non_finite, save_safetensors
 from .fused import diffs_original_layout, to_original_layout
 from .model import LoRA
-from .naming import comfy_name, diffusers_prefix, flatten, kohya_name
+from .naming import comfy_name, diffusers_folder, diffusers_prefix, flatten, kohya_name
 from .tables import FLOW_FAMILIES, table_metadata
 
 FORMATS = ("webui", "comfy", "diffusers", "peft")
@@ -46,7 +48,6 @@ _MODELSPEC_BY_ARCH = {"flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-sch
                       "sd35-medium": "stable-diffusion-3.5-medium/lora", "sd35-large": "stable-diffusion-3.5-large/lora"}
 _IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models", "flux": "https://github.com/black-forest-labs/flux",
                    "sd3": "https://github.com/Stability-AI/sd3.5"}
-_PEFT_DIRS = {"unet": "", "transformer": "", "te1": "text_encoder", "te2": "text_encoder_2"}
 
 
 def normalize_format(fmt: str) -> str:
@@ -131,39 +132,40 @@ def _original_layout(lora: LoRA, prefix: str, dtype: torch.dtype | None) -> dict
 def to_webui(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """kohya/webui state dict (names as kohya writes them for the LoRA's family)."""
     family = lora.table.family
-    if family in FLOW_FAMILIES:
-        return _original_layout(lora, "lora_unet_", dtype)
-    out: dict[str, torch.Tensor] = {}
-    for m in lora.modules.values():
-        name = kohya_name(m.info, family)
-        out[f"{name}.lora_down.weight"] = _cast(m.down, dtype)
-        out[f"{name}.lora_up.weight"] = _cast(m.up, dtype)
-        out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
-    for d in lora.diffs.values():
-        name = kohya_name(d.info, family)
-        if d.diff is not None:
-            out[f"{name}.diff"] = _cast(d.diff, dtype)
-        if d.diff_b is not None:
-            out[f"{name}.diff_b"] = _cast(d.diff_b, dtype)
+    out = _original_layout(lora, "lora_unet_", dtype) if family in FLOW_FAMILIES else {}
+    out.update(_per_module(lora, lambda info: kohya_name(info, family), dtype))
     return out
 
 
 def to_comfy(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """ComfyUI's generic format: `diffusion_model.<LDM/original name>` (fused for Flux/SD3), kohya suffixes."""
     family = lora.table.family
-    if family in FLOW_FAMILIES:
-        return _original_layout(lora, "diffusion_model.", dtype)
-    out: dict[str, torch.Tensor] = {}
-    for m in lora.modules.values():
+
+    def name(info) -> str:
         try:
-            name = comfy_name(m.info, family)
+            return comfy_name(info, family)
         except ValueError as exc:
             raise LoRAFormatError(f"cannot write the comfy format: {exc}; write webui/kohya instead") from None
+
+    out = _original_layout(lora, "diffusion_model.", dtype) if family in FLOW_FAMILIES else {}
+    out.update(_per_module(lora, name, dtype))
+    return out
+
+
+def _per_module(lora: LoRA, name_of, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Modules stored one key prefix each (every SD module; a Flux/SD3 LoRA's text encoders), kohya suffixes."""
+    out: dict[str, torch.Tensor] = {}
+    for m in lora.modules.values():
+        if m.info.component == "transformer":
+            continue  # written fused by _original_layout
+        name = name_of(m.info)
         out[f"{name}.lora_down.weight"] = _cast(m.down, dtype)
         out[f"{name}.lora_up.weight"] = _cast(m.up, dtype)
         out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     for d in lora.diffs.values():
-        name = comfy_name(d.info, family)
+        if d.info.component == "transformer":
+            continue
+        name = name_of(d.info)
         if d.diff is not None:
             out[f"{name}.diff"] = _cast(d.diff, dtype)
         if d.diff_b is not None:
@@ -189,7 +191,8 @@ def _baked(m, dtype):
 def to_diffusers(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """diffusers layout: `unet.<path>.lora.down.weight` (as the SPO release),
     `text_encoder.<path>.lora_linear_layer.down.weight`, and `transformer.<path>.lora_A.weight`
-    (Flux/SD3: what their pipelines' `save_lora_weights` writes).
+    (Flux/SD3: what their pipelines' `save_lora_weights` writes; their text encoders likewise under
+    `text_encoder.` / `text_encoder_2.`, T5 under `text_encoder_3.` (SD3) or `text_encoder_2.` (Flux)).
 
     One suffix per component on purpose: diffusers decides how to convert a UNet state dict
     from its first key only, so mixing `.lora.down` and `.lora_A` would drop modules.
@@ -198,8 +201,8 @@ def to_diffusers(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torc
     out = {}
     for m in lora.modules.values():
         down, up = _baked(m, dtype)
-        prefix = diffusers_prefix(m.info)
-        if m.info.component == "transformer":
+        prefix = diffusers_prefix(m.info, lora.table.family)
+        if m.info.component == "transformer" or lora.table.family in FLOW_FAMILIES:
             out[f"{prefix}.lora_A.weight"] = down
             out[f"{prefix}.lora_B.weight"] = up
             continue
@@ -210,7 +213,7 @@ def to_diffusers(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, torc
 
 
 def to_peft(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
-    """Per component (unet or transformer, te1, te2): (PEFT adapter state dict, adapter_config.json content)."""
+    """Per component (unet or transformer, te1, te2, te3): (PEFT adapter state dict, adapter_config.json content)."""
     _require_no_diffs(lora, "peft")
     out = {}
     for comp in lora.components():
@@ -285,7 +288,7 @@ def save_lora(
         _refuse_non_finite(sd, dt, path)
     with atomic_folder(path, overwrite=overwrite) as tmp:
         for comp, (sd, config) in parts.items():
-            folder = tmp / _PEFT_DIRS[comp] if _PEFT_DIRS[comp] else tmp
+            folder = tmp if comp in ("unet", "transformer") else tmp / diffusers_folder(comp, lora.table.family)
             folder.mkdir(exist_ok=True)
             save_safetensors(sd, folder / "adapter_model.safetensors", {"format": "pt", **_own_table(lora)}, overwrite=True)
             (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -460,3 +460,40 @@ def tiny_vae16(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     sd = {k: v if k in ("vae_scale", "vae_shift") else torch.randn(v.shape, generator=g) * 0.05 for k, v in taesd.state_dict().items()}
     return comfy.sd.VAE(sd=sd)
+
+
+def meta_flow_model_and_clip(arch: str):
+    """Real-size SD3.5 / Flux.1 transformer and text encoders (SD3: CLIP-L, CLIP-G, T5-XXL; Flux: CLIP-L, T5-XXL)
+    as ComfyUI builds them, on the meta device. ComfyUI detects its model config from the original-layout keys
+    and shapes of the shipped diffusers config's transformer, as it does for a real checkpoint."""
+    import json
+
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.sd
+    import diffusers
+    from comfy.text_encoders import flux, sd3_clip
+
+    from spo_core.lora import load_table
+    from spo_core.lora.tables import CONFIG_DIR
+    from test_lora_flow_formats import original_state_dict
+
+    config = json.loads((CONFIG_DIR / arch / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        transformer = getattr(diffusers, config["_class_name"]).from_config(config)
+    original = original_state_dict(load_table(arch), transformer.state_dict())
+    model_config = comfy.model_detection.model_config_from_unet_config(comfy.model_detection.detect_unet_config(original, ""), original)
+    cpu = torch.device("cpu")
+    with torch.device("meta"):
+        model = model_config.get_model({})
+    te = (flux.FluxClipModel if arch.startswith("flux") else sd3_clip.SD3ClipModel)(device="meta", dtype=torch.float16)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    clip = comfy.sd.CLIP(no_init=True)
+    clip.cond_stage_model = te
+    clip.patcher = comfy.model_patcher.ModelPatcher(te, load_device=cpu, offload_device=cpu)
+    clip.tokenizer = None
+    clip.layer_idx = None
+    clip.tokenizer_options = {}
+    clip.use_clip_schedule = False
+    clip.apply_hooks_to_conds = None
+    return patcher, clip
