@@ -192,6 +192,54 @@ def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0):
     return pipe
 
 
+TINY_T5_WORDS = ("a", "an", "the", "red", "blue", "green", "apple", "car", "cat", "dog", "house", "tree", "photo", "of",
+                 "on", "in", "with", "and", "painting", "sky", "sun", "flower", "small", "big", "bright", "dark", "x")
+
+
+def tiny_t5_tokenizer(max_length: int = 32):
+    """A T5-style (SentencePiece unigram, `</s>` appended, `<pad>` = 0) fast tokenizer of 57 pieces, built offline:
+    lower-case words and letters; anything else is `<unk>`. Fits a tiny T5 encoder's 64-token vocabulary."""
+    transformers = require("transformers", "tiny tokenizers", "scorers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in TINY_T5_WORDS] + [(c, -4.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    pieces = list(dict(pieces).items())
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                                model_max_length=max_length)
+
+
+def tiny_t5_encoder(seed: int = 0, d_model: int = 32):
+    transformers = require("transformers", "tiny text encoders", "scorers")
+    torch.manual_seed(seed)
+    return transformers.T5EncoderModel(transformers.T5Config(
+        d_model=d_model, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=64, feed_forward_proj="gated-gelu")).eval()
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A tiny FluxPipeline: Flux transformer, CLIP-L-style encoder (pooled 32) and a T5 encoder (32 wide) with the
+    tiny T5 tokenizer (prompts of up to 32 tokens), dynamic shift as Flux.1-dev."""
+    diffusers = require("diffusers", "tiny pipelines", "diffusers")
+    transformers = require("transformers", "tiny pipelines", "scorers")
+    from .clip_tokenizer import load_clip_tokenizer
+
+    transformer = tiny_flux_transformer(seed)
+    vae = tiny_vae(seed + 1)
+    torch.manual_seed(seed + 2)
+    te1 = transformers.CLIPTextModel(tiny_text_config()).eval()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                      base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+    pipe = diffusers.FluxPipeline(scheduler=sched, vae=vae, text_encoder=te1, tokenizer=load_clip_tokenizer(),
+                                  text_encoder_2=tiny_t5_encoder(seed + 3), tokenizer_2=tiny_t5_tokenizer(),
+                                  transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True, joint_attention_dim: int = 32,
                           pooled_projection_dim: int = 32):
     """A tiny FluxTransformer2DModel (packed 2x2 latents of 4 channels: in_channels 16)."""

@@ -40,22 +40,31 @@ def is_flow_pipeline_folder(path: str | Path) -> bool:
 
 
 def is_flow_model_spec(spec: str | Path | None) -> bool:
-    """`world-flow`, or a local SD3/SD3.5/Flux diffusers folder."""
+    """`world-flow`, a local SD3/SD3.5/Flux diffusers folder, or a single file holding such a transformer."""
     from ..model_names import is_flow_world
+    from .flow_files import flow_file_family
 
-    return spec is not None and (is_flow_world(spec) or (Path(str(spec)).expanduser().is_dir()
-                                                         and is_flow_pipeline_folder(Path(str(spec)).expanduser())))
+    if spec is None:
+        return False
+    path = Path(str(spec)).expanduser()
+    return is_flow_world(spec) or (path.is_dir() and is_flow_pipeline_folder(path)) or flow_file_family(path) is not None
 
 
-def load_flow_model(spec: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> "FlowBackend":
-    """The FlowBackend of `world-flow` (the embedded world's flow model) or of a local SD3/SD3.5/Flux folder."""
+def load_flow_model(spec: str | Path, device="cpu", dtype: torch.dtype = torch.float32, files=None) -> "FlowBackend":
+    """The FlowBackend of `world-flow` (the embedded world's flow model), of a local SD3/SD3.5/Flux folder, or of
+    single files (`files`: a FlowFiles naming the text encoders, VAE, T5 tokenizer and configs beside it)."""
     from ..model_names import is_flow_world
 
     if is_flow_world(spec):
         from ..world import load_flow_world_backend
 
         return load_flow_world_backend(device, dtype)
-    return FlowBackend.from_pretrained(Path(str(spec)).expanduser(), device=device, dtype=dtype)
+    path = Path(str(spec)).expanduser()
+    if path.is_file():
+        from .flow_files import load_flow_files
+
+        return load_flow_files(path, files, device=device, dtype=dtype)
+    return FlowBackend.from_pretrained(path, device=device, dtype=dtype)
 
 
 class FlowDenoiser:
@@ -132,6 +141,10 @@ class FlowBackend:
                                          do_classifier_free_guidance=False)
                 return out[0], out[2]
             arch = "sd3"
+        if device is not None:  # encode_prompt feeds the text encoders on the transformer's device
+            for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                if getattr(pipe, attr, None) is not None:
+                    getattr(pipe, attr).to(device)
         return cls(pipe.transformer, pipe.vae, encode, shift=float(cfg.get("shift", 1.0)), dynamic_shift=dynamic,
                    pipe=pipe, arch=arch, device=device, dtype=dtype)
 

@@ -15,8 +15,19 @@ def register(sub) -> None:
         "(greedy: the best; softmax: Feynman-Kac-style; random: SPO's continuation). --best-of N is the baseline: N "
         "full samples, the best final image kept.")
     p.add_argument("--model", required=True, help="diffusers folder (SD1.5/SD2/SDXL, SD3/SD3.5, Flux) or single-file "
-                   "SD1.5/SD2/SDXL checkpoint; 'world': the embedded tiny model, 'world-flow' its rectified-flow model "
-                   "(the world's SPM is then the default scorer)")
+                   "checkpoint (SD1.5/SD2/SDXL; SD3/SD3.5/Flux with --text-encoders and --vae where the file lacks "
+                   "them); 'world': the embedded tiny model, 'world-flow' its rectified-flow model (the world's SPM is "
+                   "then the default scorer)")
+    files = p.add_argument_group("SD3 / Flux single files (what ComfyUI and Forge users keep)")
+    files.add_argument("--text-encoders", dest="text_encoders", action="append", default=[], metavar="FILE[,FILE]",
+                       help="the model's text encoders in transformers' layout: clip_l, clip_g (SD3), t5xxl "
+                       "(fp16 or fp8) .safetensors; any order. SD3 files that carry them need none")
+    files.add_argument("--vae", help="the VAE file when the model file has none (Flux: ae.safetensors)")
+    files.add_argument("--t5-tokenizer", dest="t5_tokenizer", metavar="DIR",
+                       help="a local T5 tokenizer folder (an SD3.5 download's tokenizer_3, a Flux one's tokenizer_2, or "
+                       "ComfyUI's comfy/text_encoders/t5_tokenizer); default: the hub's google/t5-v1_1-xxl")
+    files.add_argument("--config", metavar="DIR", help="a diffusers folder of the model (configs only) when it is "
+                       "not SD3.5 medium/large or Flux.1 dev/schnell, whose configs are shipped")
     p.add_argument("--arch", help="architecture of a single-file checkpoint (sd15, sd2, sdxl); detected if omitted")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", dest="negative_prompt", default=None, help="negative prompt")
@@ -185,8 +196,12 @@ def load_sampling_backend(args: argparse.Namespace):
     from ..lora.write import resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
-    if is_flow_model_spec(args.model):  # world-flow, SD3/SD3.5 and Flux folders
-        backend = load_flow_model(args.model, args.device, dtype)
+    if is_flow_model_spec(args.model):  # world-flow, SD3/SD3.5 and Flux folders and single files
+        from ..backends.flow_files import FlowFiles
+
+        files = FlowFiles([f.strip() for spec in args.text_encoders for f in spec.split(",") if f.strip()],
+                          vae=args.vae, t5_tokenizer=args.t5_tokenizer, config=args.config)
+        backend = load_flow_model(args.model, args.device, dtype, files=files)
         backend.schedule.step = args.flow_step
         return backend
     if args.flow_step != "rf_ancestral":
@@ -194,6 +209,11 @@ def load_sampling_backend(args: argparse.Namespace):
 
         raise ConfigError(f"--flow-step {args.flow_step} is for rectified-flow models (SD3/SD3.5/Flux folders); "
                           f"{args.model} samples with DDIM(eta)")
+    if args.text_encoders or args.vae or args.t5_tokenizer or args.config:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--text-encoders / --vae / --t5-tokenizer / --config are for SD3/SD3.5/Flux single files; "
+                          f"{args.model} is not one")
     return DiffusersBackend.from_pretrained(args.model, arch=args.arch, device=args.device, dtype=dtype,
                                             loading_bars=not args.no_progress)
 
