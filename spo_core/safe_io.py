@@ -625,7 +625,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 _CHECK_CHUNK = 1 << 22  # elements per batched check (8 MB of fp16/bf16): bounded extra memory, cache-sized
-_CHECK_ALONE = 1 << 16  # a tensor this large is reduced where it lies (a copy into a batch would cost more)
+_CHECK_ALONE = 1 << 12  # a tensor this large is reduced where it lies (a copy into a batch would cost more)
 
 
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:

@@ -495,3 +495,35 @@ def test_comfyui_patches_linear1_qkv_files_as_our_converted_file(comfy, tmp_path
     assert not torch.equal(states[0]["single_blocks.0.linear1.weight"], original["single_blocks.0.linear1.weight"])
     for k in original:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-6)
+
+
+def test_reading_a_flow_file_by_its_familys_tables_first_gives_what_every_table_gives(tmp_path, monkeypatch):
+    """The family hint (double/single/joint blocks) only saves work: arch, modules, leftovers and notes are the
+    same as when every table is compared, for clean files, files with foreign keys and SD files."""
+    import spo_core.lora.read as read_module
+    from lora_helpers import random_lora as sd_random_lora
+    from lora_helpers import spo_modules
+
+    files = {}
+    fused_kohya_file(load_table("flux-dev"), tmp_path / "flux.safetensors")
+    files["flux"] = tmp_path / "flux.safetensors"
+    fused_kohya_file(load_table("sd35-medium"), tmp_path / "sd3.safetensors")
+    files["sd3"] = tmp_path / "sd3.safetensors"
+    save_lora(random_lora(load_table("flux-schnell"), rank=2, first_blocks=True), tmp_path / "split.safetensors", fmt="diffusers")
+    files["split"] = tmp_path / "split.safetensors"
+    junk = dict(load_file(str(files["flux"])))
+    junk["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"] = torch.zeros(2, 320)
+    junk["something_else.weight"] = torch.zeros(1)
+    save_file(junk, str(tmp_path / "junk.safetensors"))
+    files["junk"] = tmp_path / "junk.safetensors"
+    sd15 = load_table("sd15")
+    save_lora(sd_random_lora(sd15, spo_modules(sd15), rank=2), tmp_path / "sd15.safetensors")
+    files["sd15"] = tmp_path / "sd15.safetensors"
+
+    def summary(lora):
+        return lora.arch, sorted(lora.modules), lora.unmatched, lora.problems, lora.notes, lora.source_format
+
+    hinted = {name: summary(read_lora(path)) for name, path in files.items()}
+    monkeypatch.setattr(read_module, "_flow_family_hint", lambda keys: None)
+    assert {name: summary(read_lora(path)) for name, path in files.items()} == hinted
+    assert hinted["junk"][2] and hinted["split"][0] == "flux-schnell"  # dev and schnell fit alike: its metadata decides

@@ -65,6 +65,17 @@ class LoRA:
     unmatched: list[str] = field(default_factory=list)  # keys that name no module of the table
     problems: list[str] = field(default_factory=list)  # matched but unusable (shapes, missing halves)
     notes: list[str] = field(default_factory=list)  # harmless remarks (e.g. alpha assumed)
+    # every factor / diff tensor was checked free of NaN and inf when read (set by read_lora; a writer then
+    # re-checks only the tensors it computed, not views of these)
+    values_checked: bool = False
+
+    def checked_storages(self) -> set[int]:
+        """Storage addresses of the tensors `values_checked` vouches for (none when it does not)."""
+        if not self.values_checked:
+            return set()
+        tensors = [t for m in self.modules.values() for t in (m.down, m.up)]
+        tensors += [t for d in self.diffs.values() for t in (d.diff, d.diff_b) if t is not None]
+        return {t.untyped_storage().data_ptr() for t in tensors}
 
     @property
     def arch(self) -> str:

@@ -27,7 +27,7 @@ from ..safe_io import check_exists, check_finite, load_state_dict
 from .fused import split_diff, split_group
 from .model import DiffModule, LoRA, LoRAModule
 from .naming import alias_map, split_key, unsupported_algorithm
-from .tables import ALL_ARCHS, FusedGroup, ModuleInfo, ModuleTable, load_table, resolve_table, table_from_metadata
+from .tables import ALL_ARCHS, FAMILY, FusedGroup, ModuleInfo, ModuleTable, load_table, resolve_table, table_from_metadata
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,39 @@ def _score(table: ModuleTable, parts) -> tuple[int, int]:
     return fitting, len(parts)
 
 
+def _family_of(candidate: str | ModuleTable) -> str | None:
+    return candidate.family if isinstance(candidate, ModuleTable) else FAMILY.get(candidate)
+
+
+def _flow_family_hint(keys: Iterable[str]) -> str | None:
+    """'flux' / 'sd3' when a key names a block only that family has (BFL double/single blocks, diffusers'
+    single_transformer_blocks, MMDiT joint blocks), so reading can try that family's tables first."""
+    for key in keys:
+        if "double_blocks" in key or "single_blocks" in key or "single_transformer_blocks" in key:
+            return "flux"
+        if "joint_blocks" in key:
+            return "sd3"
+    return None
+
+
+def _best_table(sd: Mapping[str, torch.Tensor], tables: list[ModuleTable], claimed: str | None, sample: list[str]):
+    """(best (rank, table, parts, unmatched, labels, twice, tables compared), tied archs): the table under which
+    most modules fit, then most match, then the one the metadata claims. A table none of a spread sample of
+    keys names cannot win: its full match is skipped."""
+    if len(tables) > 1:
+        tables = [t for t in tables if any(split_key(k, alias_map(t)) for k in sample)] or tables
+    best, ties = None, []
+    for table in tables:
+        parts, unmatched, labels, twice = _match(sd, table)
+        fitting, matched = _score(table, parts)
+        rank = (fitting, matched, table.arch == claimed)
+        if best is None or rank > best[0]:
+            best, ties = (rank, table, parts, unmatched, labels, twice, tables), []
+        elif rank == best[0] and fitting:
+            ties.append(table.arch)
+    return best, ties
+
+
 def read_lora(
     source: str | os.PathLike | Mapping[str, torch.Tensor],
     arch: str | ModuleTable | None = None,
@@ -223,25 +256,26 @@ def read_lora(
     if not sd:
         raise LoRAFormatError(f"{name} holds no tensors")
 
-    tables = [resolve_table(arch)] if arch is not None else [resolve_table(c) for c in candidates]
     own = table_from_metadata(meta) if arch is None else None
-    if own is not None:
-        tables.append(own)  # a LoRA the pack wrote for a custom model carries that model's table
     claimed = metadata_arch(meta)
-    if len(tables) > 1:  # a table none of a spread sample of keys names cannot win: skip its full match
-        sample = list(sd)[:: max(1, len(sd) // 48)]
-        probed = [t for t in tables if any(split_key(k, alias_map(t)) for k in sample)]
-        tables = probed or tables
-    best, ties = None, []
-    for table in tables:
-        parts, unmatched, labels, twice = _match(sd, table)
-        fitting, matched = _score(table, parts)
-        rank = (fitting, matched, table.arch == claimed)
-        if best is None or rank > best[0]:
-            best, ties = (rank, table, parts, unmatched, labels, twice), []
-        elif rank == best[0] and fitting:
-            ties.append(table.arch)
-    (fitting, matched, _), table, parts, unmatched, labels, twice = best
+    sample = list(sd)[:: max(1, len(sd) // 48)]
+    best = ties = None
+    if arch is not None:
+        best, ties = _best_table(sd, [resolve_table(arch)], claimed, sample)
+    else:
+        candidates = list(candidates)
+        hint = _flow_family_hint(sample)
+        if hint is not None:  # the other families' tables cannot fit more of a file whose every key this one names
+            first = [resolve_table(c) for c in candidates if _family_of(c) == hint] + ([own] if own is not None else [])
+            if first:
+                best, ties = _best_table(sd, first, claimed, sample)
+                if best[3] or not best[0][0]:  # keys left over, or nothing fits: compare with every table
+                    best = None
+        if best is None:
+            tables = [resolve_table(c) for c in candidates] + ([own] if own is not None else [])
+            best, ties = _best_table(sd, tables, claimed, sample)
+    tables = best[6]
+    (fitting, matched, _), table, parts, unmatched, labels, twice, _ = best
     if table.family == "flux" and "te2" in peft_configs:  # Flux's second text encoder is T5
         peft_configs["te3"] = peft_configs.pop("te2")
     if arch is not None and fitting == 0 and table.arch in ALL_ARCHS:
@@ -354,6 +388,7 @@ def read_lora(
         tensors.update({f"{c}:{n}.up": m.up for (c, n), m in lora.modules.items()})
         tensors.update({f"{c}:{n}.diff": d.diff for (c, n), d in lora.diffs.items() if d.diff is not None})
         check_finite(tensors, name)
+        lora.values_checked = True
     return lora
 
 

@@ -237,9 +237,13 @@ def to_peft(lora: LoRA, dtype: torch.dtype | None = None) -> dict[str, tuple[dic
     return out
 
 
-def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None, path: Path) -> None:
-    """The source was checked finite when read: an inf here is a value the output dtype cannot hold."""
-    bad = non_finite(tensors)
+def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None, path: Path, lora: LoRA) -> None:
+    """Refuse an output holding NaN or inf. A LoRA checked when read is finite, and so is every view of its
+    tensors (a fused weight's rows, an unchanged factor): only the tensors this write computed (casts, baked
+    scales, fused concatenations, alphas) are checked, so an inf here is a value the output dtype cannot hold."""
+    checked = lora.checked_storages()
+    fresh = {k: t for k, t in tensors.items() if t.untyped_storage().data_ptr() not in checked} if checked else tensors
+    bad = non_finite(fresh)
     if not bad:
         return
     if dtype is not None and dtype != torch.float32:
@@ -270,22 +274,22 @@ def save_lora(
     path = Path(path)
     if fmt == "webui":
         tensors = to_webui(lora, dt)
-        _refuse_non_finite(tensors, dt, path)
+        _refuse_non_finite(tensors, dt, path, lora)
         return save_safetensors(tensors, path, kohya_metadata(lora, title or path.stem, extra_metadata), overwrite=overwrite)
     if fmt == "comfy":
         tensors = to_comfy(lora, dt)
-        _refuse_non_finite(tensors, dt, path)
+        _refuse_non_finite(tensors, dt, path, lora)
         return save_safetensors(tensors, path, kohya_metadata(lora, title or path.stem, extra_metadata), overwrite=overwrite)
     if fmt == "diffusers":
         meta = {k: str(v) for k, v in (extra_metadata or {}).items()}
         meta.update(_own_table(lora))
         meta["format"] = "pt"
         tensors = to_diffusers(lora, dt)
-        _refuse_non_finite(tensors, dt, path)
+        _refuse_non_finite(tensors, dt, path, lora)
         return save_safetensors(tensors, path, meta, overwrite=overwrite)
     parts = to_peft(lora, dt)
     for sd, _ in parts.values():
-        _refuse_non_finite(sd, dt, path)
+        _refuse_non_finite(sd, dt, path, lora)
     with atomic_folder(path, overwrite=overwrite) as tmp:
         for comp, (sd, config) in parts.items():
             folder = tmp if comp in ("unet", "transformer") else tmp / diffusers_folder(comp, lora.table.family)
