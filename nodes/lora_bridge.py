@@ -23,15 +23,12 @@ import torch
 
 from spo_core.errors import LoRAFormatError, ModelMismatchError
 from spo_core.lora import LoRA, ModuleTable, load_table, read_lora, report, to_webui
-from spo_core.lora.naming import comfy_name, kohya_name, original_kohya_name
+from spo_core.lora.naming import comfy_clip, comfy_name, kohya_name, original_kohya_name
 from spo_core.lora.tables import FLOW_FAMILIES
 
 from .host import clip_arch, model_arch
 
 log = logging.getLogger(__name__)
-
-_TE_CLIP = {("te1", "sd15"): "clip_l", ("te1", "sdxl"): "clip_l", ("te1", "sd2"): "clip_h", ("te2", "sdxl"): "clip_g"}
-
 
 # -- reading, cached ---------------------------------------------------------------------------
 
@@ -269,8 +266,7 @@ class ComfyWeightSource:
             return None
         if component == "unet":
             return f"diffusion_model.{info.ldm}.weight" if info.ldm else None
-        clip = _TE_CLIP.get((component, self.arch))
-        return f"{clip}.transformer.{name}.weight" if clip else None
+        return f"{comfy_clip(component, self.table.family)}.transformer.{name}.weight"
 
     def weight(self, component: str, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         key = self._key(component, name)

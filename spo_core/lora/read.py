@@ -259,7 +259,7 @@ def read_lora(
     own = table_from_metadata(meta) if arch is None else None
     claimed = metadata_arch(meta)
     sample = list(sd)[:: max(1, len(sd) // 48)]
-    best = ties = None
+    best = None
     if arch is not None:
         best, ties = _best_table(sd, [resolve_table(arch)], claimed, sample)
     else:
@@ -274,8 +274,7 @@ def read_lora(
         if best is None:
             tables = [resolve_table(c) for c in candidates] + ([own] if own is not None else [])
             best, ties = _best_table(sd, tables, claimed, sample)
-    tables = best[6]
-    (fitting, matched, _), table, parts, unmatched, labels, twice, _ = best
+    (fitting, matched, _), table, parts, unmatched, labels, twice, tables = best
     if table.family == "flux" and "te2" in peft_configs:  # Flux's second text encoder is T5
         peft_configs["te3"] = peft_configs.pop("te2")
     if arch is not None and fitting == 0 and table.arch in ALL_ARCHS:
