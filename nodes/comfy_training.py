@@ -73,7 +73,8 @@ def comfy_flow_table(base_model) -> ModuleTable:
     table when the module shapes are that model's, else one built on `meta` from the equivalent diffusers config."""
     import diffusers
 
-    from spo_core.lora.tables import FLOW_ARCHS, FAMILY, table_from_transformer
+    from spo_core.lora.table_build import table_from_transformer
+    from spo_core.lora.tables import FAMILY, FLOW_ARCHS
 
     family, cls_name, config = _diffusers_flow_config(base_model)
     with torch.device("meta"):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from spo_core.cli import main
-from spo_core.lora.tables import table_from_transformer
+from spo_core.lora.table_build import table_from_transformer
 from spo_core.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 from test_lora_flow_formats import original_state_dict
 
@@ -131,7 +131,8 @@ def test_shipped_configs_assemble_a_consistent_real_size_pipeline(arch):
 
     import diffusers
 
-    from spo_core.lora.tables import CONFIG_DIR, _meta_text_encoders
+    from spo_core.lora.table_build import _meta_text_encoders
+    from spo_core.lora.tables import CONFIG_DIR
 
     folder = CONFIG_DIR / arch
     family = "flux" if arch.startswith("flux") else "sd3"

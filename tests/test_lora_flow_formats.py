@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from spo_core.errors import LoRAFormatError, ModelMismatchError
 from spo_core.lora import LoRA, LoRAModule, load_table, merge_into_checkpoint, read_lora, save_lora
-from spo_core.lora.tables import FLOW_ARCHS, build_table, table_from_transformer
+from spo_core.lora.table_build import build_table, table_from_transformer
+from spo_core.lora.tables import FLOW_ARCHS
 
 TINY_FLUX = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=128,
                  num_attention_heads=1, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spo_core.lora import LoRA, LoRAModule, load_table, read_lora, save_lora
-from spo_core.lora.tables import live_te_name, table_from_transformer
+from spo_core.lora.table_build import table_from_transformer
+from spo_core.lora.tables import live_te_name
 from test_lora_flow_formats import LORA_WARNINGS, assert_same_deltas, comfy, random_lora, tiny  # noqa: F401 (fixture)
 
 TE_COMPONENTS = {"flux": ("te1", "te3"), "sd3": ("te1", "te2", "te3")}

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from spo_core.lora.tables import KNOWN_ARCHS, build_table, load_table
+from spo_core.lora.table_build import build_table
+from spo_core.lora.tables import KNOWN_ARCHS, load_table
 from spo_core.testing import real_config, real_unet
 
 
@@ -50,7 +51,7 @@ def test_ldm_names_match_diffusers_single_file_converter(arch):
 
 def test_ldm_rule_on_a_tiny_custom_unet():
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from spo_core.lora.tables import table_for_pipeline
+    from spo_core.lora.table_build import table_for_pipeline
     from spo_core.testing import tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline()

@@ -375,7 +375,8 @@ class DiffusersBackend:
 
     def module_table(self):
         """The LoRA engine's table of this model (real SD tables for real models)."""
-        from ..lora.tables import load_table, table_for_pipeline
+        from ..lora.table_build import table_for_pipeline
+        from ..lora.tables import load_table
 
         if self.arch in ("sd15", "sd2", "sdxl"):
             return load_table(self.arch)

@@ -190,7 +190,8 @@ class FlowBackend:
     def module_table(self):
         """The LoRA engine's table of this transformer: a shipped real one (sd35-medium/large, flux-dev/schnell)
         when its config is that model's, else one built from the live module (tiny or custom models)."""
-        from ..lora.tables import CONFIG_DIR, FLOW_ARCHS, load_table, table_for_pipeline
+        from ..lora.table_build import table_for_pipeline
+        from ..lora.tables import CONFIG_DIR, FLOW_ARCHS, load_table
 
         mine = dict(self.transformer.config)
         for arch in FLOW_ARCHS:

@@ -11,7 +11,8 @@ from .model import DiffModule, LoRA, LoRAModule
 from .read import detect_arch, read_lora
 from .report import LoRAReport, report
 from .resize import resize_lora
-from .tables import ALL_ARCHS, KNOWN_ARCHS, ModuleInfo, ModuleTable, load_table, table_for_pipeline, table_from_models
+from .table_build import table_for_pipeline, table_from_models
+from .tables import ALL_ARCHS, KNOWN_ARCHS, ModuleInfo, ModuleTable, load_table
 from .write import FORMATS, normalize_format, save_lora, to_diffusers, to_peft, to_webui
 
 

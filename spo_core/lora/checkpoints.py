@@ -271,7 +271,7 @@ class CheckpointReader:
         if not any((self.path / sub / "config.json").is_file() for sub in ("unet", "transformer")):
             raise ModelMismatchError(f"{self.path} is not a model of {', '.join(ALL_ARCHS)} ({self._misfit(detected)}) "
                                      "and has no unet/ or transformer/ config.json to read its own layout from")
-        from .tables import table_from_config_folder
+        from .table_build import table_from_config_folder
 
         try:
             return table_from_config_folder(self.path)
