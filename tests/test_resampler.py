@@ -331,3 +331,13 @@ def test_latent_rgb_decoder_matches_comfyui_previewer():
     assert up.shape == (2, 3, 40, 48) and 0 <= float(up.min()) and float(up.max()) <= 1
     with pytest.raises(ConfigError):
         LatentRGBDecoder("flux")
+
+
+def test_default_windows_and_the_policy_switch_rule():
+    from spo_core.sampling import FK_WINDOW, SPO_WINDOW, default_window, window_hi_after_policy_change
+
+    assert default_window("fk") == FK_WINDOW == (0.0, 999.0) and default_window("greedy") == SPO_WINDOW == (0.0, 751.0)
+    assert window_hi_after_policy_change("fk", 751.0) == 999.0 and window_hi_after_policy_change("random", 999.0) == 751.0
+    assert window_hi_after_policy_change("fk", 500.0) == 500.0  # a typed value stays
+    assert window_hi_after_policy_change("fk", 700.0, chain_default=700.0) == 999.0  # the WebUI's own default
+    assert window_hi_after_policy_change("greedy", 999.0, chain_default=700.0) == 700.0

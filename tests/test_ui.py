@@ -207,6 +207,23 @@ def test_blocks_build_with_every_tab(tmp_path):
     assert {"train", "sample", "lora_inspect", "lora_convert", "lora_extract", "lora_merge", "score"} <= api_names
 
 
+def test_picking_fk_moves_the_window_top_to_its_default_and_back(tmp_path):
+    """FK pools over the whole trajectory (0:999, as `spo sample` and the ComfyUI node default), the chain policies
+    in SPO's t <= 751: clicking the policy moves the field between the two, and leaves a typed value alone."""
+    pytest.importorskip("gradio")
+    from spo_core.ui import build_blocks
+
+    demo = build_blocks(StandaloneHost(tmp_path))
+    config = demo.get_config_file()
+    ids = {c.get("props", {}).get("label"): c["id"] for c in config["components"]}
+    policy, hi = ids["policy (fk: Feynman-Kac particles)"], ids["window: highest timestep"]
+    index, dep = next((i, d) for i, d in enumerate(config["dependencies"])
+                      if [policy, "input"] in [list(t) for t in d["targets"]])
+    assert dep["inputs"] == [policy, hi] and dep["outputs"] == [hi]
+    fn = (demo.fns[dep["id"]] if isinstance(demo.fns, dict) else demo.fns[index]).fn
+    assert (fn("fk", 751), fn("greedy", 999), fn("softmax", 751), fn("fk", 600), fn("greedy", 600)) == (999, 751, 751, 600, 600)
+
+
 # -- sampling and training on tiny models -----------------------------------------------------------
 
 @pytest.fixture(scope="module")

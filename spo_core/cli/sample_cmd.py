@@ -110,7 +110,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     from ..errors import ConfigError, OutputExistsError
     from ..progress import TqdmProgress
-    from ..sampling import ResamplerConfig
+    from ..sampling import ResamplerConfig, default_window
 
     args.scorer, args.scorer_weights = default_world_scorer(args.model, args.scorer, args.scorer_weights)
     if args.particles is not None:
@@ -119,7 +119,7 @@ def _sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"FK steering with {args.k} particle is plain sampling: use --particles 2 or more, or --k 1 "
                           "without --policy fk")
     fk = args.policy == "fk"
-    window = parse_window(args.window or ("0:999" if fk else "0:751"))
+    window = parse_window(args.window) if args.window else default_window(args.policy)
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
     pooled = args.k > 1 or args.best_of > 1

@@ -45,6 +45,24 @@ POLICIES = ("greedy", "random", "softmax", "pairs", "fk")
 # SPO's first trained transition starts at t = 751 (divert_start_step = 4 of 20 leading DDIM steps);
 # the paper calls the range "t <= 750".
 SPO_WINDOW = (0.0, 751.0)
+# FK steering weighs particles over the whole trajectory (its paper resamples from the first steps on)
+FK_WINDOW = (0.0, 999.0)
+
+
+def default_window(policy: str) -> tuple[float, float]:
+    """The window a policy pools in when none is given: FK's whole trajectory, SPO's t <= 751 otherwise."""
+    return FK_WINDOW if policy == "fk" else SPO_WINDOW
+
+
+def window_hi_after_policy_change(policy: str, current: float, chain_default: float = SPO_WINDOW[1]) -> float:
+    """What a UI's "highest timestep" field should show once the policy is `policy`: the new policy's default
+    when the field holds the other policy's default (`chain_default` for greedy/softmax/random, FK's 999),
+    the user's own value otherwise."""
+    if policy == "fk" and current == chain_default:
+        return FK_WINDOW[1]
+    if policy != "fk" and current == FK_WINDOW[1]:
+        return chain_default
+    return current
 
 # SPO's pair validity threshold on p_win - p_lose of the 2-way softmax of the raw scores
 SPO_THRESHOLDS = {"sd15": 0.3, "sd2": 0.3, "custom-sd1": 0.3, "sdxl": 0.4, "custom-sdxl": 0.4}

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..progress import ProgressEvent
+from ..sampling import window_hi_after_policy_change
 from .host import StandaloneHost
 from .jobs import Job, progress_html
 from .tab_score import load_scorer_for, scorer_inputs
@@ -106,6 +107,8 @@ def build_sample_tab(host: StandaloneHost) -> None:
             hi = g.Number(value=751, label="window: highest timestep")
             every = g.Number(value=1, precision=0, label="pool every n-th step")
             eta = g.Slider(minimum=0.0, maximum=1.0, step=0.05, value=1.0, label="eta")
+        # fk pools over the whole trajectory by default: the window's top follows the policy unless typed over
+        policy.input(fn=lambda p, h: window_hi_after_policy_change(p, float(h or 0)), inputs=[policy, hi], outputs=[hi])
         with g.Row():
             potential = g.Radio(["max", "diff", "add", "rt"], value="max", label="fk: potential")
             lam = g.Number(value=10.0, label="fk: lambda (> 0)")

@@ -53,6 +53,7 @@ def sampler_controls(defaults: SPOOptions, weight_choices: list[str]) -> tuple[l
     """The accordion of the SPO sampler script: components in ARG_NAMES order, and infotext fields."""
     import gradio as gr
 
+    from spo_core.sampling import FK_WINDOW, SPO_WINDOW, window_hi_after_policy_change
     from spo_core.ui.actions import scorer_names
 
     names = scorer_names()
@@ -80,6 +81,10 @@ def sampler_controls(defaults: SPOOptions, weight_choices: list[str]) -> tuple[l
             potential = gr.Radio(POTENTIALS, value=defaults.potential, label="fk: potential")
             lam = gr.Number(value=defaults.lam, label="fk: lambda (> 0)")
             adaptive = gr.Checkbox(value=defaults.adaptive, label="fk: resample only when ESS < k/2")
+    # picking fk (or leaving it) moves the window's top between the two policies' defaults, unless the user typed
+    # another value; `input` fires on the user's clicks only, so a pasted infotext keeps its own window
+    chain_hi = defaults.window_hi if defaults.window_hi != FK_WINDOW[1] else SPO_WINDOW[1]
+    policy.input(fn=lambda p, h: window_hi_after_policy_change(p, float(h or 0), chain_hi), inputs=[policy, hi], outputs=[hi])
     components = {"k": k, "policy": policy, "window_lo": lo, "window_hi": hi, "scorer": scorer, "weights": weights,
                   "score_every": every, "potential": potential, "lam": lam, "adaptive": adaptive}
     infotext_fields = [
