@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -170,8 +171,30 @@ def test_extension_registered(server):
     assert "spo sampler" in scripts["txt2img"] and "spo sampler" in scripts["img2img"]
     # Settings > SPO: its components are in the page (Forge's /sdapi/v1/options drops options that
     # extensions add: its pydantic response model is built before they are registered)
-    labels = {c.get("props", {}).get("label") for c in _call(server["url"] + "/config")["components"]}
+    config = _call(server["url"] + "/config")
+    labels = {c.get("props", {}).get("label") for c in config["components"]}
     assert "SPO sampler: default k (candidates per step)" in labels
+    # the script's UI was built by this gradio: clicking the policy radio moves the window's top (fk: 999)
+    ids = {}
+    for c in config["components"]:
+        ids.setdefault(c.get("props", {}).get("label"), set()).add(c["id"])
+    policy_input = {}
+    for index, dep in enumerate(config["dependencies"]):
+        targets = [tuple(t) if isinstance(t, list) else (t, dep.get("trigger")) for t in dep["targets"]]
+        if set(dep["outputs"]) & ids["window: highest timestep (0-999)"]:
+            policy_input.update({i: dep.get("id", index) for i, event in targets if event == "input" and i in ids["policy"]})
+    assert len(policy_input) == 2  # txt2img and img2img
+    fn_index = next(iter(policy_input.values()))
+    for route in ("/run/predict", "/api/predict"):  # the event's function, run by the WebUI's own gradio
+        try:
+            out = _call(server["url"] + route, {"fn_index": fn_index, "data": ["fk", 751], "session_hash": "spo"})
+            break
+        except urllib.error.HTTPError:
+            continue
+    else:
+        pytest.fail("the WebUI's gradio runs no function by fn_index at /run/predict or /api/predict")
+    assert out["data"][0] == 999
+    assert "Error calling" not in server["log"].read_text()
     if not server["forge"]:
         assert _call(server["url"] + "/sdapi/v1/options").get("spo_default_k") == 4
 
