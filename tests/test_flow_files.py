@@ -37,7 +37,8 @@ def sd3_files(tmp_path_factory):
              "vae": _save(pipe.vae.state_dict(), root / "vae.safetensors"),
              "clip_l": _save(pipe.text_encoder.state_dict(), root / "clip_l.safetensors"),
              "clip_g": _save(pipe.text_encoder_2.state_dict(), root / "clip_g.safetensors")}
-    inside = dict(original)  # an SD3 file that carries its text encoders, as sd3_medium_incl_clips does
+    inside = dict(original)  # an SD3 file that carries its VAE and text encoders, as sd3_medium_incl_clips does
+    inside.update({f"first_stage_model.{k}": v for k, v in pipe.vae.state_dict().items()})
     inside.update({f"text_encoders.clip_l.transformer.{k}": v for k, v in pipe.text_encoder.state_dict().items()})
     inside.update({f"text_encoders.clip_g.transformer.{k}": v for k, v in pipe.text_encoder_2.state_dict().items()})
     files["with_clips"] = _save(inside, root / "sd3_incl_clips.safetensors")
@@ -56,7 +57,7 @@ def test_sd3_single_files_sample_the_folders_image(sd3_files, tmp_path):
     want = _sample(tmp_path, "folder", config)
     assert _sample(tmp_path, "files", f["model"], "--config", config, "--vae", f["vae"],
                    "--text-encoders", f"{f['clip_l']},{f['clip_g']}") == want
-    assert _sample(tmp_path, "inside", f["with_clips"], "--config", config, "--vae", f["vae"]) == want
+    assert _sample(tmp_path, "inside", f["with_clips"], "--config", config) == want  # nothing else needed
     from safetensors.torch import load_file  # the files' weights are the ones used: another CLIP-G, another image
 
     other = _save({k: v * 1.5 for k, v in load_file(f["clip_g"]).items()}, tmp_path / "clip_g_other.safetensors")

@@ -190,17 +190,42 @@ def _t5_tokenizer(spec: str | None):
             "ComfyUI's comfy/text_encoders/t5_tokenizer") from None
 
 
+def _part(path: Path, keep) -> dict[str, torch.Tensor]:
+    """The tensors of one part of a checkpoint (keys for which `keep(key)` gives the part's key, else None), read
+    one by one from the memory-mapped file: converting a part never loads the others (an SD3 file's T5 is 9 GB)."""
+    reader = open_safetensors(path)
+    out = {}
+    for key in reader.keys():
+        name = keep(key)
+        if name is not None:
+            out[name] = reader.get_tensor(key)
+    return out
+
+
+_NOT_TRANSFORMER = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
+
+
+def _transformer(model: Path, cls, folder: Path, dtype: torch.dtype):
+    from .diffusers_backend import quiet_load
+
+    sd = _part(model, lambda k: None if k.startswith(_NOT_TRANSFORMER) else k)
+    return quiet_load(cls.from_single_file, sd, config=str(folder), subfolder="transformer", torch_dtype=dtype,
+                      local_files_only=True)
+
+
 def _vae(model: Path, vae: str | None, folder: Path, dtype: torch.dtype):
     diffusers = require("diffusers", "rectified-flow models", "diffusers")
     from .diffusers_backend import quiet_load
 
-    source = check_exists(vae, "VAE file") if vae else None
-    if source is None:
-        if not any(k.startswith("first_stage_model.") for k in _keys(model)):
+    if vae:
+        source = str(check_exists(vae, "VAE file"))
+    else:
+        prefix = "first_stage_model."
+        source = _part(model, lambda k: k[len(prefix):] if k.startswith(prefix) else None)  # the checkpoint's own
+        if not source:
             raise ConfigError(f"{model.name} holds no VAE: give it with --vae FILE (Flux: ae.safetensors; SD3.5: the "
                               "checkpoint's own, or diffusion_pytorch_model.safetensors of its vae folder)")
-        source = model
-    return quiet_load(diffusers.AutoencoderKL.from_single_file, str(source), config=str(folder), subfolder="vae",
+    return quiet_load(diffusers.AutoencoderKL.from_single_file, source, config=str(folder), subfolder="vae",
                       torch_dtype=dtype, local_files_only=True)
 
 
@@ -208,7 +233,6 @@ def load_flow_files(model: str | Path, files: FlowFiles | None = None, device="c
     """A FlowBackend over a diffusers StableDiffusion3Pipeline / FluxPipeline assembled from single files."""
     diffusers = require("diffusers", "rectified-flow models", "diffusers")
     from ..clip_tokenizer import load_clip_tokenizer
-    from .diffusers_backend import quiet_load
     from .flow_backend import FlowBackend
 
     files = files or FlowFiles()
@@ -218,8 +242,7 @@ def load_flow_files(model: str | Path, files: FlowFiles | None = None, device="c
         raise ConfigError(f"{path.name} holds no SD3/SD3.5 or Flux transformer")
     arch, folder = _config_folder(path, files.config)
     cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
-    transformer = quiet_load(cls.from_single_file, str(path), config=str(folder), subfolder="transformer",
-                             torch_dtype=dtype, local_files_only=True)
+    transformer = _transformer(path, cls, folder, dtype)
     vae = _vae(path, files.vae, folder, dtype)
     from ..lora.tables import TE_FOLDERS
 
