@@ -116,6 +116,17 @@ def assert_same_deltas(a: LoRA, b: LoRA, rel: float = 1e-6) -> None:
         assert float((da - db).abs().max()) <= tol, k
 
 
+def assert_round_trips(lora: LoRA, folder) -> None:
+    """Written in every format (files webui/comfy/diffusers.safetensors and a peft folder) and read back: the same
+    architecture, every key used, the same deltas."""
+    for fmt in ("webui", "comfy", "peft", "diffusers"):
+        out = folder / (fmt + ("" if fmt == "peft" else ".safetensors"))
+        save_lora(lora, out, fmt=fmt)
+        back = read_lora(out)
+        assert back.arch == lora.arch and back.is_clean(), (fmt, back.problems, back.unmatched[:3])
+        assert_same_deltas(lora, back)
+
+
 # -- tables --------------------------------------------------------------------------------------
 
 
@@ -223,12 +234,7 @@ def test_split_lora_to_fused_and_back_keeps_every_delta(arch, tmp_path):
     table = load_table(arch)
     lora = random_lora(table, rank=2, alpha=1.0, first_blocks=True)
     lora.modules[("transformer", "transformer_blocks.0.attn.to_k")].alpha = 8.0  # a different scale in one group
-    for fmt in ("webui", "comfy", "peft", "diffusers"):
-        out = tmp_path / (fmt + ("" if fmt == "peft" else ".safetensors"))
-        save_lora(lora, out, fmt=fmt)
-        back = read_lora(out)
-        assert back.arch == arch and back.is_clean(), (fmt, back.problems, back.unmatched[:3])
-        assert_same_deltas(lora, back)
+    assert_round_trips(lora, tmp_path)
     fused = load_file(str(tmp_path / "webui.safetensors"))
     prefix = "lora_unet_double_blocks_0_img_attn_qkv" if arch.startswith("flux") else "lora_unet_joint_blocks_0_x_block_attn_qkv"
     assert fused[f"{prefix}.lora_down.weight"].shape[0] == 6  # three rank-2 downs concatenated

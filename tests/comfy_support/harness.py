@@ -368,16 +368,31 @@ def get_harness(base_dir: Path) -> ComfyHarness:
     return _STARTED
 
 
+def meta_clip(te):
+    """A comfy.sd.CLIP around text encoders built on `meta` (no tokenizer: its key maps and patches only)."""
+    import comfy.model_patcher
+    import comfy.sd
+
+    cpu = torch.device("cpu")
+    clip = comfy.sd.CLIP(no_init=True)
+    clip.cond_stage_model = te
+    clip.patcher = comfy.model_patcher.ModelPatcher(te, load_device=cpu, offload_device=cpu)
+    clip.tokenizer = None
+    clip.layer_idx = None
+    clip.tokenizer_options = {}
+    clip.use_clip_schedule = False
+    clip.apply_hooks_to_conds = None
+    return clip
+
+
 def meta_model_and_clip(arch: str):
     """Real-size SD1.5 / SDXL UNet and text encoders as ComfyUI builds them, on the meta device.
 
     ComfyUI picks its own model config from the UNet's shapes (a diffusers UNet of the shipped
     config, also on meta), so the key maps are ComfyUI's for the real architecture.
     """
-    import comfy.lora
     import comfy.model_detection
     import comfy.model_patcher
-    import comfy.sd
     import comfy.sd1_clip
     import comfy.sdxl_clip
 
@@ -389,16 +404,7 @@ def meta_model_and_clip(arch: str):
     with torch.device("meta"):
         model = config.get_model({})
         te = comfy.sd1_clip.SD1ClipModel() if arch == "sd15" else comfy.sdxl_clip.SDXLClipModel()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-    clip = comfy.sd.CLIP(no_init=True)
-    clip.cond_stage_model = te
-    clip.patcher = comfy.model_patcher.ModelPatcher(te, load_device=cpu, offload_device=cpu)
-    clip.tokenizer = None
-    clip.layer_idx = None
-    clip.tokenizer_options = {}
-    clip.use_clip_schedule = False
-    clip.apply_hooks_to_conds = None
-    return patcher, clip
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), meta_clip(te)
 
 
 def run_node_class(cls, unique_id: str = "1", **inputs):
@@ -470,7 +476,6 @@ def meta_flow_model_and_clip(arch: str):
 
     import comfy.model_detection
     import comfy.model_patcher
-    import comfy.sd
     import diffusers
     from comfy.text_encoders import flux, sd3_clip
 
@@ -487,13 +492,4 @@ def meta_flow_model_and_clip(arch: str):
     with torch.device("meta"):
         model = model_config.get_model({})
     te = (flux.FluxClipModel if arch.startswith("flux") else sd3_clip.SD3ClipModel)(device="meta", dtype=torch.float16)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-    clip = comfy.sd.CLIP(no_init=True)
-    clip.cond_stage_model = te
-    clip.patcher = comfy.model_patcher.ModelPatcher(te, load_device=cpu, offload_device=cpu)
-    clip.tokenizer = None
-    clip.layer_idx = None
-    clip.tokenizer_options = {}
-    clip.use_clip_schedule = False
-    clip.apply_hooks_to_conds = None
-    return patcher, clip
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), meta_clip(te)
