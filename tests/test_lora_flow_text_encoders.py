@@ -205,6 +205,30 @@ def test_spo_sample_merges_text_encoder_modules_into_the_pipeline():
     assert flow_lora_targets(Backend(), "flux") == {"transformer": "dit"}
 
 
+def test_spo_sample_refuses_a_text_encoder_lora_the_pipeline_cannot_take(tmp_path, monkeypatch):
+    """An SD3.5 pipeline loaded without its T5 and a LoRA that changes T5: refused by name, nothing merged."""
+    import spo_core.lora
+    from spo_core.cli.sample_cmd import _merge_lora
+    from spo_core.errors import ConfigError
+
+    table = load_table("sd35-medium")
+    lora = add_text_encoders(LoRA(table), layers=(0,))
+
+    class Pipe:
+        text_encoder, text_encoder_2, text_encoder_3 = "clip-l", "clip-g", None
+
+    class Backend:
+        is_flow, transformer, pipe = True, "dit", Pipe()
+
+        def module_table(self):
+            return table
+
+    monkeypatch.setattr(spo_core.lora, "read_lora", lambda path, arch=None: lora)
+    monkeypatch.setattr(spo_core.lora, "merge_into_modules", lambda *a: pytest.fail("merged"))
+    with pytest.raises(ConfigError, match="no te3 to apply"):
+        _merge_lora(Backend(), str(tmp_path / "with_t5.safetensors"))
+
+
 # -- a real ComfyUI ------------------------------------------------------------------------------
 
 

@@ -235,6 +235,7 @@ def flow_lora_targets(backend, family: str) -> dict:
 
 
 def _merge_lora(backend, spec: str) -> None:
+    from ..errors import ConfigError
     from ..lora import merge_into_modules, read_lora
 
     path, strength = spec, 1.0
